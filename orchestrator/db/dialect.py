@@ -1,0 +1,24 @@
+"""The few dialect-specific statements, behind one helper each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+
+def insert_ignore(session: Session, table: Any, index_elements: list[str]) -> Any:
+    """INSERT … ON CONFLICT (cols) DO NOTHING, for Postgres and SQLite alike."""
+    name = session.get_bind().dialect.name
+    mod = postgresql if name == "postgresql" else sqlite
+    return mod.insert(table).on_conflict_do_nothing(index_elements=index_elements)
+
+
+def lock_skip_locked(session: Session, stmt: Select[Any]) -> Select[Any]:
+    """FOR UPDATE SKIP LOCKED where the database has row locks. SQLite takes the
+    whole database for a writer (BEGIN IMMEDIATE), which gives the same guarantee."""
+    if session.get_bind().dialect.name == "postgresql":
+        return stmt.with_for_update(skip_locked=True)
+    return stmt

@@ -1,0 +1,210 @@
+"""The metadata database: typed SQLAlchemy 2.0 models.
+
+The DAG (`tasks`, `task_dependencies`) is versioned: a sync that changes a
+pipeline adds a new version instead of editing the old one in place, so a batch
+that is running keeps the exact graph it started with.
+
+`task_log` carries, per child row, the counters that make promotion exactly-once:
+`pending_parents` is decremented inside each parent's own terminal transaction and
+the decrement that reaches zero promotes the child (row locks serialize them).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from orchestrator.db.types import JSONType, UTCDateTime
+from orchestrator.status import BatchStatus, TaskStatus, TriggerRule
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY, so big ids are BIGINT elsewhere only.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+OPEN_STATUSES_SQL = "status IN ('PENDING', 'QUEUED', 'RUNNING', 'RETRYING')"
+
+
+def _enum(cls: type, name: str) -> Enum:
+    # Stored by value, as a VARCHAR with a CHECK, so adding a state is a plain migration.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=20,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Pipeline(Base):
+    __tablename__ = "pipelines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    definition_hash: Mapped[str] = mapped_column(String(64))
+    definition: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    concurrency: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("pipeline_id", "version", "name", name="uq_tasks_pipeline_version_name"),
+        CheckConstraint("max_attempts >= 1", name="max_attempts_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline_id: Mapped[int] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(128))
+    handler: Mapped[str] = mapped_column(String(128))
+    config: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    retry_initial_delay_s: Mapped[float] = mapped_column(Float, default=10.0)
+    retry_backoff_factor: Mapped[float] = mapped_column(Float, default=2.0)
+    retry_max_delay_s: Mapped[float] = mapped_column(Float, default=600.0)
+    timeout_s: Mapped[float] = mapped_column(Float, default=600.0)
+    trigger_rule: Mapped[TriggerRule] = mapped_column(_enum(TriggerRule, "trigger_rule"))
+    concurrency: Mapped[int | None] = mapped_column(Integer)
+    gcs_bucket: Mapped[str | None] = mapped_column(String(222))
+    gcs_pattern: Mapped[str | None] = mapped_column(String(1024))
+
+
+class TaskDependency(Base):
+    __tablename__ = "task_dependencies"
+
+    child_task_id: Mapped[int] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    parent_task_id: Mapped[int] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("pipeline_id", "batch_id", name="uq_batches_pipeline_batch_id"),
+        Index(
+            "ix_batches_open",
+            "status",
+            postgresql_where=text("status = 'RUNNING'"),
+            sqlite_where=text("status = 'RUNNING'"),
+        ),
+        Index("ix_batches_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pipeline_id: Mapped[int] = mapped_column(ForeignKey("pipelines.id", ondelete="CASCADE"))
+    pipeline_version: Mapped[int] = mapped_column(Integer)
+    batch_id: Mapped[str] = mapped_column(String(128))
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[BatchStatus] = mapped_column(_enum(BatchStatus, "batch_status"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class TaskLog(Base):
+    __tablename__ = "task_log"
+    __table_args__ = (
+        UniqueConstraint("batch_pk", "task_id", name="uq_task_log_batch_task"),
+        CheckConstraint("attempt >= 1", name="attempt_positive"),
+        # Small partial indexes: the sweeper and "is the batch finished?" only ever look
+        # at open rows, which are a sliver of a task log of millions.
+        Index(
+            "ix_task_log_open_status",
+            "status",
+            postgresql_where=text(OPEN_STATUSES_SQL),
+            sqlite_where=text(OPEN_STATUSES_SQL),
+        ),
+        Index(
+            "ix_task_log_open_batch",
+            "batch_pk",
+            postgresql_where=text(OPEN_STATUSES_SQL),
+            sqlite_where=text(OPEN_STATUSES_SQL),
+        ),
+        Index(
+            "ix_task_log_running_task",
+            "task_id",
+            postgresql_where=text("status = 'RUNNING'"),
+            sqlite_where=text("status = 'RUNNING'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    batch_pk: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    status: Mapped[TaskStatus] = mapped_column(_enum(TaskStatus, "task_status"))
+    # The attempt being run, or the next one to run while QUEUED/RETRYING.
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    # Attempts used before the current run (a manual retry starts a fresh budget
+    # but keeps numbering up, so older attempts stay fenced off).
+    retry_base: Mapped[int] = mapped_column(Integer, default=0)
+    trigger_rule: Mapped[TriggerRule] = mapped_column(_enum(TriggerRule, "trigger_rule"))
+    pending_parents: Mapped[int] = mapped_column(Integer, default=0)
+    failed_parents: Mapped[int] = mapped_column(Integer, default=0)
+    skipped_parents: Mapped[int] = mapped_column(Integer, default=0)
+    # A root with a GCS trigger waits for its object (or an explicit force).
+    waiting_for_file: Mapped[bool] = mapped_column(Boolean, default=False)
+    input: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class TaskEvent(Base):
+    """Append-only: one row per transition. The audit trail and the event stream."""
+
+    __tablename__ = "task_events"
+    __table_args__ = (Index("ix_task_events_batch", "batch_pk", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    batch_pk: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    # NULL for batch-level events (started, finished, cancelled).
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    from_status: Mapped[str | None] = mapped_column(String(20))
+    to_status: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

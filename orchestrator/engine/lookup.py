@@ -1,0 +1,72 @@
+"""Resolving names to rows, and the process-wide cache of immutable task names."""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator.db.models import Batch, Pipeline, Task, TaskLog
+from orchestrator.engine.types import Dispatch, TaskRow
+from orchestrator.errors import NotFound
+
+# Task rows never change once written (a changed pipeline gets new rows), so their
+# names can be cached for the life of the process without invalidation.
+_names: dict[int, str] = {}
+_names_lock = threading.Lock()
+
+
+def task_names(session: Session, task_ids: list[int]) -> dict[int, str]:
+    missing = [t for t in set(task_ids) if t not in _names]
+    if missing:
+        rows = session.execute(select(Task.id, Task.name).where(Task.id.in_(missing))).all()
+        with _names_lock:
+            _names.update({r[0]: r[1] for r in rows})
+    return {t: _names[t] for t in task_ids}
+
+
+def dispatches(
+    session: Session, pipeline: str, batch_id: str, queued: list[tuple[int, int]]
+) -> list[Dispatch]:
+    if not queued:
+        return []
+    names = task_names(session, [t for t, _ in queued])
+    return [Dispatch(pipeline, batch_id, names[t], attempt) for t, attempt in queued]
+
+
+def find_batch(session: Session, pipeline: str, batch_id: str) -> Batch:
+    row = session.execute(
+        select(Batch)
+        .join(Pipeline, Pipeline.id == Batch.pipeline_id)
+        .where(Pipeline.name == pipeline, Batch.batch_id == batch_id)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"no batch {batch_id!r} of pipeline {pipeline!r}")
+    return row
+
+
+def resolve_task(session: Session, pipeline: str, batch_id: str, task: str) -> TaskRow:
+    """One indexed query: the task's log row in this batch, with its definition."""
+    row = session.execute(
+        select(
+            TaskLog.id, Batch.id, Task.id, Task.handler, Task.config, TaskLog.status,
+            TaskLog.attempt, TaskLog.retry_base, Task.max_attempts, Task.retry_initial_delay_s,
+            Task.retry_backoff_factor, Task.retry_max_delay_s, Task.timeout_s,
+            Batch.params, Batch.status, TaskLog.input,
+        )
+        .select_from(Pipeline)
+        .join(Batch, Batch.pipeline_id == Pipeline.id)
+        .join(Task, (Task.pipeline_id == Pipeline.id) & (Task.version == Batch.pipeline_version))
+        .join(TaskLog, (TaskLog.batch_pk == Batch.id) & (TaskLog.task_id == Task.id))
+        .where(Pipeline.name == pipeline, Batch.batch_id == batch_id, Task.name == task)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"no task {task!r} in batch {batch_id!r} of pipeline {pipeline!r}")
+    return TaskRow(
+        log_id=row[0], batch_pk=row[1], task_id=row[2], pipeline=pipeline, batch_id=batch_id,
+        task=task, handler=row[3], config=row[4] or {}, status=row[5], attempt=row[6],
+        retry_base=row[7], max_attempts=row[8], retry_initial_delay_s=row[9],
+        retry_backoff_factor=row[10], retry_max_delay_s=row[11], timeout_s=row[12],
+        params=row[13] or {}, batch_status=row[14], input=row[15],
+    )

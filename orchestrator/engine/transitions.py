@@ -1,0 +1,166 @@
+"""Task transitions: one function each, one guarded UPDATE each.
+
+Every function declares the states it may leave from. The UPDATE names those
+states (and, where it matters, the attempt) in its WHERE clause and checks the
+row count, so a duplicate, late or stale event finds no row and becomes a logged
+no-op instead of a second effect. The caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from orchestrator.db.models import Task, TaskDependency, TaskLog
+from orchestrator.engine import lookup
+from orchestrator.engine.dag import KIND_OF, check_and_trigger_children
+from orchestrator.engine.events import event, record
+from orchestrator.engine.types import Claimed, Outcome, TaskRow
+from orchestrator.status import TaskStatus
+
+S = TaskStatus
+
+CLAIM_FROM = (S.QUEUED,)
+SUCCEED_FROM = (S.RUNNING,)
+FAIL_FROM = (S.RUNNING,)
+REQUEUE_FROM = (S.RETRYING,)
+RELEASE_FROM = (S.PENDING,)  # a file-triggered root whose object arrived
+
+
+def _guarded(row: TaskRow, allowed: tuple[TaskStatus, ...], attempt: int | None = None) -> Any:
+    stmt = update(TaskLog).where(TaskLog.id == row.log_id, TaskLog.status.in_(allowed))
+    if attempt is not None:
+        stmt = stmt.where(TaskLog.attempt == attempt)
+    return stmt.execution_options(synchronize_session=False)
+
+
+def claim(session: Session, row: TaskRow, attempt: int, now: datetime) -> Claimed | None:
+    """QUEUED -> RUNNING for exactly one delivery of `attempt`; None for the others."""
+    lease = now + timedelta(seconds=row.timeout_s)
+    got = session.execute(
+        _guarded(row, CLAIM_FROM, attempt)
+        .values(status=S.RUNNING, started_at=now, lease_expires_at=lease, finished_at=None,
+                error=None, updated_at=now)
+        .returning(TaskLog.id)
+    ).first()
+    if got is None:
+        return None
+    record(session, [event(row.batch_pk, row.task_id, attempt, S.QUEUED, S.RUNNING, now)])
+    return Claimed(row=row, attempt=attempt, lease_expires_at=lease, input=task_input(session, row))
+
+
+def task_input(session: Session, row: TaskRow) -> dict[str, Any]:
+    """The batch params, each parent's output by name, and what triggered the task."""
+    parents = session.execute(
+        select(Task.name, TaskLog.output, TaskLog.status)
+        .select_from(TaskDependency)
+        .join(Task, Task.id == TaskDependency.parent_task_id)
+        .join(TaskLog, (TaskLog.task_id == Task.id) & (TaskLog.batch_pk == row.batch_pk))
+        .where(TaskDependency.child_task_id == row.task_id)
+    ).all()
+    return {
+        "params": row.params,
+        "parents": {name: output for name, output, _ in parents},
+        "parent_status": {name: str(status) for name, _, status in parents},
+        "trigger": row.input or {},
+    }
+
+
+def succeed(
+    session: Session, row: TaskRow, attempt: int, output: dict[str, Any] | None, now: datetime
+) -> Outcome:
+    """RUNNING -> SUCCESS for the attempt that holds the task; then move children on."""
+    got = session.execute(
+        _guarded(row, SUCCEED_FROM, attempt)
+        .values(status=S.SUCCESS, output=output, finished_at=now, lease_expires_at=None,
+                updated_at=now)
+        .returning(TaskLog.id)
+    ).first()
+    if got is None:
+        return Outcome(applied=False, reason="not RUNNING under this attempt (stale or fenced)")
+    return _finish(session, row, attempt, S.SUCCESS, now, {})
+
+
+def fail(
+    session: Session,
+    row: TaskRow,
+    attempt: int,
+    error: str,
+    now: datetime,
+    *,
+    retry_delay_s: float | None,
+    from_states: tuple[TaskStatus, ...] = FAIL_FROM,
+) -> Outcome:
+    """RUNNING -> RETRYING (after `retry_delay_s`), straight to QUEUED for the next
+    attempt when the delay is zero, or ERROR when `retry_delay_s` is None."""
+    error = error[:8000]
+    if retry_delay_s is None:
+        got = session.execute(
+            _guarded(row, from_states, attempt)
+            .values(status=S.ERROR, error=error, finished_at=now, lease_expires_at=None,
+                    updated_at=now)
+            .returning(TaskLog.status)
+        ).first()
+        if got is None:
+            return Outcome(applied=False, reason="not RUNNING under this attempt")
+        return _finish(session, row, attempt, S.ERROR, now, {"error": error})
+    if retry_delay_s <= 0:
+        got = session.execute(
+            _guarded(row, from_states, attempt)
+            .values(status=S.QUEUED, attempt=attempt + 1, error=error, lease_expires_at=None,
+                    queued_at=now, dispatched_at=now, next_attempt_at=None, updated_at=now)
+            .returning(TaskLog.id)
+        ).first()
+        if got is None:
+            return Outcome(applied=False, reason="not RUNNING under this attempt")
+        record(session, [event(row.batch_pk, row.task_id, attempt, S.RUNNING, S.QUEUED, now,
+                               {"error": error, "next_attempt": attempt + 1})])
+        return Outcome(applied=True, queued=lookup.dispatches(
+            session, row.pipeline, row.batch_id, [(row.task_id, attempt + 1)]))
+    due = now + timedelta(seconds=retry_delay_s)
+    got = session.execute(
+        _guarded(row, from_states, attempt)
+        .values(status=S.RETRYING, error=error, lease_expires_at=None, next_attempt_at=due,
+                updated_at=now)
+        .returning(TaskLog.id)
+    ).first()
+    if got is None:
+        return Outcome(applied=False, reason="not RUNNING under this attempt")
+    record(session, [event(row.batch_pk, row.task_id, attempt, S.RUNNING, S.RETRYING, now,
+                           {"error": error, "next_attempt_at": due.isoformat(),
+                            "delay_s": retry_delay_s})])
+    return Outcome(applied=True)
+
+
+def release_waiting_root(
+    session: Session, row: TaskRow, trigger: dict[str, Any], now: datetime
+) -> Outcome:
+    """PENDING (waiting for its file) -> QUEUED, with the object as the task's input."""
+    got = session.execute(
+        _guarded(row, RELEASE_FROM)
+        .where(TaskLog.waiting_for_file.is_(True))
+        .values(status=S.QUEUED, waiting_for_file=False, input=trigger, queued_at=now,
+                dispatched_at=now, updated_at=now)
+        .returning(TaskLog.attempt)
+    ).first()
+    if got is None:
+        return Outcome(applied=False, reason=f"task is {row.status}, not waiting for a file")
+    record(session, [event(row.batch_pk, row.task_id, got[0], S.PENDING, S.QUEUED, now,
+                           {"trigger": trigger})])
+    return Outcome(applied=True, queued=lookup.dispatches(
+        session, row.pipeline, row.batch_id, [(row.task_id, got[0])]))
+
+
+def _finish(
+    session: Session, row: TaskRow, attempt: int, status: TaskStatus, now: datetime,
+    detail: dict[str, Any],
+) -> Outcome:
+    """The tail of every terminal transition: children, events, and the outbox."""
+    promo = check_and_trigger_children(session, row.batch_pk, {KIND_OF[status]: [row.task_id]}, now)
+    record(session, [event(row.batch_pk, row.task_id, attempt, S.RUNNING, status, now,
+                           detail or None), *promo.events])
+    queued = lookup.dispatches(session, row.pipeline, row.batch_id, promo.queued)
+    return Outcome(applied=True, queued=queued, check_batch=not queued)

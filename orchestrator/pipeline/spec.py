@@ -1,0 +1,259 @@
+"""Pipelines as code: the typed definition, built from YAML or from Python.
+
+Validation collects every problem before reporting, so a user fixes a file in
+one pass, and nothing is written unless the whole definition is sound.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.errors import PipelineValidationError
+from orchestrator.status import TriggerRule
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,127}$")
+# Batch ids travel in messages, object paths and SQL parameters: keep them boring.
+BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-=:]{0,127}$")
+
+
+def valid_batch_id(value: str) -> bool:
+    return bool(BATCH_ID_RE.match(value)) and ".." not in value
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RetryPolicy(_Frozen):
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    initial_delay_s: float = Field(default=10.0, ge=0)
+    backoff_factor: float = Field(default=2.0, ge=1)
+    max_delay_s: float = Field(default=600.0, ge=0)
+
+    def delay_after(self, attempt: int) -> float:
+        """Seconds to wait after attempt number `attempt` (1-based) failed."""
+        delay = self.initial_delay_s * self.backoff_factor ** (attempt - 1)
+        return float(min(delay, self.max_delay_s))
+
+
+class GcsTrigger(_Frozen):
+    """A root task that waits for an object: `gs://bucket/<pattern>`.
+
+    The pattern names `{batch_id}` once and may use `*` for any run of
+    characters within one path segment, e.g. `sales/{batch_id}/_SUCCESS` (a
+    completeness marker) or `sales/{batch_id}/*.parquet`.
+    """
+
+    bucket: str
+    pattern: str
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$", v):
+            raise ValueError(f"invalid bucket name {v!r}")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        if v.count("{batch_id}") != 1:
+            raise ValueError("pattern must contain {batch_id} exactly once")
+        if v.startswith("/") or ".." in v:
+            raise ValueError(f"invalid object pattern {v!r}")
+        return v
+
+    def regex(self) -> re.Pattern[str]:
+        head, _, tail = self.pattern.partition("{batch_id}")
+
+        def lit(s: str) -> str:
+            return ".*?".join(re.escape(p).replace(r"\*", "[^/]*") for p in s.split("**"))
+
+        return re.compile(f"^{lit(head)}(?P<batch_id>[^/]+?){lit(tail)}$")
+
+    def match(self, bucket: str, name: str) -> str | None:
+        """The batch id this object belongs to, or None if it is not this trigger's."""
+        if bucket != self.bucket:
+            return None
+        m = self.regex().match(name)
+        return m.group("batch_id") if m else None
+
+
+class TaskSpec(_Frozen):
+    name: str
+    handler: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    depends_on: tuple[str, ...] = ()
+    retry: RetryPolicy = RetryPolicy()
+    timeout_s: float = Field(default=600.0, gt=0)
+    trigger_rule: TriggerRule = TriggerRule.ALL_SUCCESS
+    concurrency: int | None = Field(default=None, ge=1)
+    gcs_trigger: GcsTrigger | None = None
+    description: str = ""
+
+
+class PipelineSpec(_Frozen):
+    name: str
+    description: str = ""
+    concurrency: int | None = Field(default=None, ge=1)
+    tasks: tuple[TaskSpec, ...]
+    # Where relative paths in task configs (SQL files) resolve; not part of the identity.
+    base_dir: Path | None = Field(default=None, exclude=True)
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def topological_order(self) -> list[str]:
+        ts = graphlib.TopologicalSorter({t.name: set(t.depends_on) for t in self.tasks})
+        return list(ts.static_order())
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def definition_hash(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _problems_from_pydantic(exc: ValidationError, source: dict[str, Any]) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = ""
+        if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int):
+            tasks = source.get("tasks") or []
+            name = tasks[loc[1]].get("name") if loc[1] < len(tasks) and isinstance(
+                tasks[loc[1]], dict) else None
+            where = f"task {name!r}" if name else f"tasks[{loc[1]}]"
+            loc = loc[2:]
+        field = ".".join(str(p) for p in loc)
+        prefix = " ".join(p for p in (where, field) if p)
+        out.append(f"{prefix}: {err['msg']}" if prefix else err["msg"])
+    return out
+
+
+def build_pipeline(
+    data: Any,
+    *,
+    source: str = "<pipeline>",
+    base_dir: Path | None = None,
+    known_handlers: Iterable[str] | None = None,
+) -> PipelineSpec:
+    """Validate a definition (a dict, as from YAML) and return the spec, or raise
+    `PipelineValidationError` listing every problem found."""
+    if known_handlers is None:
+        from orchestrator import handlers
+
+        known_handlers = handlers.names()
+    known = set(known_handlers)
+    if not isinstance(data, dict):
+        raise PipelineValidationError(source, ["the file must hold a mapping with 'name' and 'tasks'"])
+    data = dict(data)
+    problems: list[str] = []
+    tasks = data.get("tasks")
+    if isinstance(tasks, dict):
+        # Also accept `tasks: {name: {...}}`, the shorter form for hand-written files.
+        data["tasks"] = [{"name": k, **(v or {})} for k, v in tasks.items()]
+    spec: PipelineSpec | None = None
+    try:
+        spec = PipelineSpec.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        problems.extend(_problems_from_pydantic(exc, data))
+
+    raw_tasks = [t for t in (data.get("tasks") or []) if isinstance(t, dict)]
+    if not raw_tasks and "tasks" in data and not problems:
+        problems.append("a pipeline needs at least one task")
+    name = data.get("name")
+    if isinstance(name, str) and not NAME_RE.match(name):
+        problems.append(f"invalid pipeline name {name!r}: use letters, digits, _ and -")
+
+    seen: set[str] = set()
+    names = {t.get("name") for t in raw_tasks if isinstance(t.get("name"), str)}
+    graph: dict[str, set[str]] = {}
+    for t in raw_tasks:
+        tname = t.get("name")
+        if not isinstance(tname, str):
+            continue
+        if not NAME_RE.match(tname):
+            problems.append(f"invalid task name {tname!r}: use letters, digits, _ and -")
+        if tname in seen:
+            problems.append(f"duplicate task name {tname!r}")
+        seen.add(tname)
+        handler = t.get("handler")
+        if isinstance(handler, str) and handler not in known:
+            problems.append(
+                f"task {tname!r}: unknown handler {handler!r} (known: {', '.join(sorted(known))})"
+            )
+        deps = t.get("depends_on") or []
+        if isinstance(deps, str):
+            deps = [deps]
+        if not isinstance(deps, list):
+            continue
+        for parent in deps:
+            if parent not in names:
+                problems.append(f"task {tname!r}: depends on unknown task {parent!r}")
+            elif parent == tname:
+                problems.append(f"task {tname!r}: depends on itself")
+        graph.setdefault(tname, set()).update(p for p in deps if p in names and p != tname)
+        if t.get("gcs_trigger") and deps:
+            problems.append(f"task {tname!r}: only a root task (no depends_on) may have a gcs_trigger")
+
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        cycle = exc.args[1]
+        problems.append("cycle: " + " -> ".join(reversed(cycle)))
+
+    if spec is not None and not problems:
+        from orchestrator.pipeline.checks import handler_config_problems
+
+        problems.extend(handler_config_problems(spec))
+    if problems:
+        raise PipelineValidationError(source, list(dict.fromkeys(problems)))
+    assert spec is not None
+    return spec
+
+
+def load_pipeline(path: str | Path, *, known_handlers: Iterable[str] | None = None) -> PipelineSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PipelineValidationError(str(path), [f"cannot read: {exc.strerror}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PipelineValidationError(str(path), [f"invalid YAML: {exc}"]) from exc
+    return build_pipeline(
+        data, source=str(path), base_dir=path.resolve().parent, known_handlers=known_handlers
+    )
+
+
+def load_pipelines(path: str | Path) -> list[PipelineSpec]:
+    """One file, or every *.yaml / *.yml file in a folder (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+        problems: list[str] = []
+        specs: list[PipelineSpec] = []
+        for f in files:
+            try:
+                specs.append(load_pipeline(f))
+            except PipelineValidationError as exc:
+                problems.extend(f"{f.name}: {p}" for p in exc.problems)
+        if problems:
+            raise PipelineValidationError(str(path), problems)
+        return specs
+    return [load_pipeline(path)]

@@ -1,0 +1,71 @@
+"""Upsert validated pipelines into the metadata database.
+
+A changed definition becomes a new version (new task rows and edges); batches
+keep the version they started with, so editing a pipeline never corrupts a
+running batch's dependency counters. Syncing an unchanged file writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from orchestrator.db.models import Pipeline, Task, TaskDependency
+from orchestrator.pipeline.spec import PipelineSpec
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    name: str
+    version: int
+    changed: bool
+
+
+def sync_pipeline(session: Session, spec: PipelineSpec, now: datetime) -> SyncResult:
+    digest = spec.definition_hash()
+    row = session.execute(
+        select(Pipeline).where(Pipeline.name == spec.name).with_for_update()
+    ).scalar_one_or_none()
+    if row is not None and row.definition_hash == digest:
+        return SyncResult(spec.name, row.version, changed=False)
+    if row is None:
+        row = Pipeline(
+            name=spec.name, description=spec.description, version=1,
+            definition_hash=digest, definition=spec.canonical(),
+            concurrency=spec.concurrency, created_at=now, updated_at=now,
+        )
+        session.add(row)
+        session.flush()
+    else:
+        session.execute(
+            update(Pipeline).where(Pipeline.id == row.id).values(
+                version=Pipeline.version + 1, description=spec.description,
+                definition_hash=digest, definition=spec.canonical(),
+                concurrency=spec.concurrency, updated_at=now,
+            )
+        )
+        session.refresh(row)
+    ids: dict[str, int] = {}
+    for t in spec.tasks:
+        ids[t.name] = session.execute(
+            insert(Task).values(
+                pipeline_id=row.id, version=row.version, name=t.name, handler=t.handler,
+                config=t.config, max_attempts=t.retry.max_attempts,
+                retry_initial_delay_s=t.retry.initial_delay_s,
+                retry_backoff_factor=t.retry.backoff_factor,
+                retry_max_delay_s=t.retry.max_delay_s, timeout_s=t.timeout_s,
+                trigger_rule=t.trigger_rule, concurrency=t.concurrency,
+                gcs_bucket=t.gcs_trigger.bucket if t.gcs_trigger else None,
+                gcs_pattern=t.gcs_trigger.pattern if t.gcs_trigger else None,
+            ).returning(Task.id)
+        ).scalar_one()
+    edges = [
+        {"child_task_id": ids[t.name], "parent_task_id": ids[p]}
+        for t in spec.tasks for p in t.depends_on
+    ]
+    if edges:
+        session.execute(insert(TaskDependency), edges)
+    return SyncResult(spec.name, row.version, changed=True)

@@ -1,0 +1,98 @@
+"""Ports: the small interfaces the core needs from the outside world.
+
+The engine and router depend on these Protocols only; adapters under
+`orchestrator.adapters` implement them for Google Cloud and for the local
+embedded runtime, and `orchestrator.testing` holds fakes for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """A message to the tasks topic: JSON `data` plus string attributes for filtering."""
+
+    data: Mapping[str, Any]
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    ordering_key: str = ""
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    def publish(self, messages: Sequence[OutboundMessage]) -> None:
+        """Publish all messages; raise `InfrastructureError` if any could not be."""
+        ...
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    def list(self, uri_prefix: str) -> list[str]: ...
+    def read(self, uri: str) -> bytes: ...
+    def write(self, uri: str, data: bytes) -> None: ...
+    def exists(self, uri: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    job_id: str
+    rows_loaded: int
+    table: str
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    job_id: str
+    rows_affected: int
+    destination: str | None = None
+
+
+@runtime_checkable
+class Warehouse(Protocol):
+    def load_parquet(
+        self,
+        uris: Sequence[str],
+        table: str,
+        *,
+        write: str = "append",
+        partition: str | None = None,
+        job_id: str,
+    ) -> LoadResult: ...
+
+    def run_query(
+        self,
+        sql: str,
+        params: Mapping[str, Any],
+        *,
+        destination: str | None = None,
+        write: str = "truncate",
+        job_id: str,
+    ) -> QueryResult: ...
+
+    def table_exists(self, table: str) -> bool: ...
+    def row_count(self, table: str) -> int: ...
+    def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]: ...
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
