@@ -46,6 +46,32 @@ class ObjectStore(Protocol):
     def exists(self, uri: str) -> bool: ...
 
 
+WRITE_MODES = ("append", "truncate", "truncate_partition", "empty")
+PARTITION_GRANULARITIES = ("HOUR", "DAY", "MONTH", "YEAR")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One time partition of a table: `field` truncated to `granularity` equals `value`.
+
+    `value` is the partition's start in any of `2024-03`, `202403`, `2024-03-01`
+    (for MONTH), so a batch id such as `2024-03` can name it directly.
+    """
+
+    field: str
+    granularity: str = "MONTH"
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class Column:
+    """A declared column (BigQuery type names), to create a missing table."""
+
+    name: str
+    type: str
+    mode: str = "NULLABLE"
+
+
 @dataclass(frozen=True)
 class LoadResult:
     job_id: str
@@ -60,15 +86,31 @@ class QueryResult:
     destination: str | None = None
 
 
+class JobState:
+    """What a lease-expiry check learns about a job it started earlier."""
+
+    UNKNOWN = "UNKNOWN"  # no such job: the attempt died before starting it
+    RUNNING = "RUNNING"  # still pending or running: the worker may be gone, the job is not
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
 @runtime_checkable
 class Warehouse(Protocol):
+    """Write modes: `append`, `truncate` (the whole table), `truncate_partition`
+    (only `partition`, atomically with the new rows) and `empty` (refuse a
+    non-empty table). A `job_id` that was already used re-attaches to that job
+    and returns its result instead of writing again."""
+
     def load_parquet(
         self,
         uris: Sequence[str],
         table: str,
         *,
         write: str = "append",
-        partition: str | None = None,
+        partition: Partition | None = None,
+        schema: Sequence[Column] | None = None,
+        allow_field_addition: bool = False,
         job_id: str,
     ) -> LoadResult: ...
 
@@ -79,9 +121,11 @@ class Warehouse(Protocol):
         *,
         destination: str | None = None,
         write: str = "truncate",
+        partition: Partition | None = None,
         job_id: str,
     ) -> QueryResult: ...
 
+    def job_state(self, job_id: str) -> str: ...
     def table_exists(self, table: str) -> bool: ...
     def row_count(self, table: str) -> int: ...
     def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]: ...

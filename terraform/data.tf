@@ -98,7 +98,7 @@ resource "google_bigquery_dataset" "warehouse" {
   location      = local.bq_location
   labels        = local.labels
 
-  # Access is granted per member in iam.tf, never to allUsers.
+  # Access is granted per member in iam.tf; nothing is public.
   delete_contents_on_destroy = false
 
   depends_on = [google_project_service.apis]

@@ -129,3 +129,23 @@ resource "google_vpc_access_connector" "orchestrator" {
     name = google_compute_subnetwork.connector.name
   }
 }
+
+# Nothing in this network accepts connections from outside: deny all ingress
+# below every other rule (the VPC connector adds its own narrow rules).
+resource "google_compute_firewall" "deny_all_ingress" {
+  project   = var.project_id
+  name      = "${var.name_prefix}-deny-all-ingress"
+  network   = google_compute_network.orchestrator.id
+  direction = "INGRESS"
+  priority  = 65534
+
+  source_ranges = ["0.0.0.0/0"]
+
+  deny {
+    protocol = "all"
+  }
+
+  log_config {
+    metadata = "INCLUDE_ALL_METADATA"
+  }
+}

@@ -42,7 +42,7 @@ variable "source_dir" {
 
 variable "source_excludes" {
   type        = list(string)
-  description = "Paths, relative to source_dir, left out of the function source archive."
+  description = "Paths and glob patterns, relative to source_dir, left out of the function source archive."
   default = [
     ".git",
     ".venv",
@@ -55,9 +55,9 @@ variable "source_excludes" {
     "bench",
     "tests",
     "terraform",
-    "examples",
     "dist",
     "build",
+    "**/__pycache__",
   ]
 }
 
@@ -199,7 +199,7 @@ variable "db_tier" {
 variable "db_version" {
   type        = string
   description = "Cloud SQL PostgreSQL major version."
-  default     = "POSTGRES_16"
+  default     = "POSTGRES_18"
 }
 
 variable "db_availability_type" {

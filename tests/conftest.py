@@ -17,9 +17,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator.db.migrate import upgrade
 from orchestrator.db.session import make_engine, make_sessionmaker
 
-ADMIN_URL = os.environ.get(
-    "TEST_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-)
+def _admin_url() -> str:
+    # `make test` writes the server it found or started to .tmp/test-database-url.
+    if os.environ.get("TEST_DATABASE_URL"):
+        return os.environ["TEST_DATABASE_URL"]
+    found = Path(__file__).resolve().parents[1] / ".tmp" / "test-database-url"
+    if found.exists():
+        return found.read_text().strip()
+    return "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+
+
+ADMIN_URL = _admin_url()
 TABLES = "task_events, task_log, batches, task_dependencies, tasks, pipelines"
 
 

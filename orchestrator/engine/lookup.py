@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from orchestrator.db.models import Batch, Pipeline, Task, TaskLog
@@ -13,17 +14,32 @@ from orchestrator.errors import NotFound
 
 # Task rows never change once written (a changed pipeline gets new rows), so their
 # names can be cached for the life of the process without invalidation.
-_names: dict[int, str] = {}
+# Keyed by database, since a process (a test run, a benchmark) may use several.
+_names: dict[Any, dict[int, str]] = {}
 _names_lock = threading.Lock()
 
 
-def task_names(session: Session, task_ids: list[int]) -> dict[int, str]:
-    missing = [t for t in set(task_ids) if t not in _names]
-    if missing:
-        rows = session.execute(select(Task.id, Task.name).where(Task.id.in_(missing))).all()
+def db_cache(store: dict[Any, dict[Any, Any]], session: Session) -> dict[Any, Any]:
+    key = session.get_bind().url
+    cache = store.get(key)
+    if cache is None:
         with _names_lock:
-            _names.update({r[0]: r[1] for r in rows})
-    return {t: _names[t] for t in task_ids}
+            cache = store.setdefault(key, {})
+    return cache
+
+
+def task_names(session: Session, task_ids: list[int]) -> dict[int, str]:
+    cache = db_cache(_names, session)
+    missing = [t for t in set(task_ids) if t not in cache]
+    if missing:
+        # Fetch the whole pipeline version at once: its other tasks will follow.
+        versions = select(Task.pipeline_id, Task.version).where(Task.id.in_(missing)).distinct()
+        rows = session.execute(
+            select(Task.id, Task.name).where(
+                tuple_(Task.pipeline_id, Task.version).in_(versions) | Task.id.in_(missing))
+        ).all()
+        cache.update({r[0]: r[1] for r in rows})
+    return {t: cache[t] for t in task_ids}
 
 
 def dispatches(
@@ -48,8 +64,22 @@ def find_batch(session: Session, pipeline: str, batch_id: str) -> Batch:
 
 def resolve_task(session: Session, pipeline: str, batch_id: str, task: str) -> TaskRow:
     """One indexed query: the task's log row in this batch, with its definition."""
+    row = _resolve(session, Pipeline.name == pipeline, Batch.batch_id == batch_id, Task.name == task)
+    if row is None:
+        raise NotFound(f"no task {task!r} in batch {batch_id!r} of pipeline {pipeline!r}")
+    return row
+
+
+def resolve_task_by_id(session: Session, batch_pk: int, task_id: int) -> TaskRow:
+    row = _resolve(session, Batch.id == batch_pk, Task.id == task_id)
+    if row is None:
+        raise NotFound(f"no task {task_id} in batch {batch_pk}")
+    return row
+
+
+def _resolve(session: Session, *where: Any) -> TaskRow | None:
     row = session.execute(
-        select(
+        select(Pipeline.name, Batch.batch_id, Task.name, 
             TaskLog.id, Batch.id, Task.id, Task.handler, Task.config, TaskLog.status,
             TaskLog.attempt, TaskLog.retry_base, Task.max_attempts, Task.retry_initial_delay_s,
             Task.retry_backoff_factor, Task.retry_max_delay_s, Task.timeout_s,
@@ -59,10 +89,11 @@ def resolve_task(session: Session, pipeline: str, batch_id: str, task: str) -> T
         .join(Batch, Batch.pipeline_id == Pipeline.id)
         .join(Task, (Task.pipeline_id == Pipeline.id) & (Task.version == Batch.pipeline_version))
         .join(TaskLog, (TaskLog.batch_pk == Batch.id) & (TaskLog.task_id == Task.id))
-        .where(Pipeline.name == pipeline, Batch.batch_id == batch_id, Task.name == task)
+        .where(*where)
     ).one_or_none()
     if row is None:
-        raise NotFound(f"no task {task!r} in batch {batch_id!r} of pipeline {pipeline!r}")
+        return None
+    pipeline, batch_id, task, *row = row
     return TaskRow(
         log_id=row[0], batch_pk=row[1], task_id=row[2], pipeline=pipeline, batch_id=batch_id,
         task=task, handler=row[3], config=row[4] or {}, status=row[5], attempt=row[6],

@@ -27,3 +27,27 @@ def handler_config_problems(spec: PipelineSpec) -> list[str]:
             continue
         problems.extend(f"task {task.name!r}: {p}" for p in check(task.config, spec.base_dir))
     return problems
+
+
+def prepared_configs(spec: PipelineSpec) -> dict[str, dict[str, object]]:
+    """Each task's config as it should be stored: a handler's `prepare_config(config,
+    base_dir)` (if it has one) inlines what only the pipeline folder holds, such as
+    SQL files, so a worker elsewhere never needs that folder."""
+    out: dict[str, dict[str, object]] = {}
+    for task in spec.tasks:
+        config = dict(task.config)
+        target = handlers.BUILTIN.get(task.handler)
+        if target is not None:
+            module = importlib.import_module(target.partition(":")[0])
+            prepare = getattr(module, "prepare_config", None)
+            if prepare is not None:
+                config = prepare(config, spec.base_dir)
+        out[task.name] = config
+    return out
+
+
+def prepare_spec(spec: PipelineSpec) -> PipelineSpec:
+    """The spec with prepared configs, ready to sync (its hash then covers the SQL text)."""
+    configs = prepared_configs(spec)
+    tasks = tuple(t.model_copy(update={"config": configs[t.name]}) for t in spec.tasks)
+    return spec.model_copy(update={"tasks": tasks})

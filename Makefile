@@ -1,0 +1,49 @@
+# Two commands for a new user: `make demo` and `make test`. Both install first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PY := $(BIN)/python
+
+.PHONY: install test test-fast lint demo bench e2e postgres clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+postgres: install
+	@scripts/ensure-postgres.sh
+
+# The whole suite, on real PostgreSQL (started if none is running).
+test: install postgres terraform-check
+	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+demo: install
+	$(BIN)/python -m orchestrator.demo
+
+bench: install postgres
+	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/python -m bench
+
+clean:
+	rm -rf .orchestrator .tmp .pytest_cache .mypy_cache .ruff_cache
+
+# Offline checks of terraform/: the wiring test plus checkov (0 failed checks).
+CHECKOV_VENV ?= .venv-checkov
+
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov==3.3.30'
+	touch $@
+
+.PHONY: terraform-check
+terraform-check: install $(CHECKOV_VENV)/.installed
+	$(BIN)/pytest -q tests/test_terraform.py
+	$(CHECKOV_VENV)/bin/checkov -d terraform --quiet --compact --skip-download

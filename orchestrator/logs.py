@@ -1,0 +1,72 @@
+"""Structured logs: JSON lines for Cloud Logging, readable lines locally.
+
+Cloud Logging reads `severity` and `message` from a JSON line on stdout, and
+labels under `logging.googleapis.com/labels`, so a batch's whole story can be
+filtered by pipeline, batch, task and attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+LOGGER_NAME = "orchestrator"
+log = logging.getLogger(LOGGER_NAME)
+_LABELS = ("pipeline", "batch_id", "task", "attempt")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = dict(getattr(record, "fields", {}) or {})
+        labels = {k: str(fields[k]) for k in _LABELS if fields.get(k) is not None}
+        entry: dict[str, Any] = {
+            "severity": record.levelname,
+            "message": record.getMessage(),
+            "logger": record.name,
+            **fields,
+        }
+        if labels:
+            entry["logging.googleapis.com/labels"] = labels
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {}) or {}
+        where = "/".join(str(fields[k]) for k in ("pipeline", "batch_id", "task") if fields.get(k))
+        extra = " ".join(f"{k}={v}" for k, v in fields.items()
+                         if k not in ("pipeline", "batch_id", "task") and v is not None)
+        text = f"{record.levelname:<7} {where + ' ' if where else ''}{record.getMessage()}"
+        if extra:
+            text += f"  [{extra}]"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def configure(fmt: str = "text", level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stdout if fmt == "json" else sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = fmt != "json"
+
+
+def emit(level: int, message: str, **fields: Any) -> None:
+    log.log(level, message, extra={"fields": fields})
+
+
+def info(message: str, **fields: Any) -> None:
+    emit(logging.INFO, message, **fields)
+
+
+def warning(message: str, **fields: Any) -> None:
+    emit(logging.WARNING, message, **fields)
+
+
+def error(message: str, **fields: Any) -> None:
+    emit(logging.ERROR, message, **fields)

@@ -1,0 +1,334 @@
+"""The router: one typed message (or storage event) in, guarded transitions out.
+
+The same code runs behind the Cloud Function (`functions/main.py`) and behind
+the embedded runtime's in-process bus. Its contract with the edge:
+
+- it returns normally for everything that is done *or can never succeed*
+  (malformed input, unknown names, duplicates, stale attempts): the edge acks;
+- it raises `InfrastructureError` only when the database or the publisher is
+  unreachable, so that Pub/Sub redelivers and the work happens later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator import engine, handlers, logs
+from orchestrator.db.models import Pipeline, Task, TaskLog
+from orchestrator.db.session import transaction
+from orchestrator.engine import maintenance
+from orchestrator.engine.types import BatchFinished, Claimed, Dispatch, Outcome, TaskRow
+from orchestrator.errors import InfrastructureError, InvalidInput, PermanentError
+from orchestrator.handlers.context import TaskContext
+from orchestrator.messages import RunTask, StartBatch, UnknownMessage, parse_message
+from orchestrator.pipeline.spec import GcsTrigger
+from orchestrator.ports import Clock, ObjectStore, OutboundMessage, Publisher, SystemClock, Warehouse
+from orchestrator.status import TaskStatus
+from orchestrator.storage_events import StorageObject
+
+
+@dataclass(frozen=True)
+class RouteResult:
+    """What became of one delivery. `outcome` is one of: started, exists, succeeded,
+    failed, retrying, duplicate, stale, queued, ignored, invalid."""
+
+    outcome: str
+    detail: str = ""
+    published: int = 0
+
+
+@dataclass
+class SweepReport:
+    requeued: int = 0
+    redispatched: int = 0
+    expired: int = 0
+    cancelled_batches: int = 0
+    closed_batches: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def dispatch_message(d: Dispatch) -> OutboundMessage:
+    return OutboundMessage(
+        data=d.message(),
+        attributes={"type": "run_task", "pipeline": d.pipeline, "batch_id": d.batch_id,
+                    "task": d.task, "attempt": str(d.attempt)},
+    )
+
+
+class Router:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        publisher: Publisher,
+        *,
+        clock: Clock | None = None,
+        warehouse_factory: Callable[[], Warehouse] | None = None,
+        object_store_factory: Callable[[], ObjectStore] | None = None,
+        redispatch_after_s: float = 60.0,
+        on_batch_finished: Callable[[BatchFinished], None] | None = None,
+    ):
+        self.sessions = sessions
+        self.publisher = publisher
+        self.clock = clock or SystemClock()
+        self.warehouse_factory = warehouse_factory
+        self.object_store_factory = object_store_factory
+        self.redispatch_after_s = redispatch_after_s
+        self.on_batch_finished = on_batch_finished
+
+    # -- entry points ---------------------------------------------------------------
+
+    def handle_payload(self, payload: bytes | str | dict[str, Any], **context: Any) -> RouteResult:
+        """Parse and route one message; malformed input is logged and acknowledged."""
+        try:
+            msg = parse_message(payload)
+        except InvalidInput as exc:
+            logs.warning(f"rejected message: {exc}", outcome="invalid", **context)
+            return RouteResult("invalid", str(exc))
+        return self.handle(msg, **context)
+
+    def handle(self, msg: StartBatch | RunTask | UnknownMessage, **context: Any) -> RouteResult:
+        try:
+            if isinstance(msg, RunTask):
+                return self.run_task(msg)
+            if isinstance(msg, StartBatch):
+                return self.start_batch(msg)
+            logs.warning(f"ignored message of unknown type {msg.type!r}", outcome="ignored",
+                         **context)
+            return RouteResult("ignored", f"unknown message type {msg.type!r}")
+        except InvalidInput as exc:
+            logs.warning(f"rejected {msg.type}: {exc}", outcome="invalid",
+                         **_labels(msg), **context)
+            return RouteResult("invalid", str(exc))
+
+    def start_batch(self, msg: StartBatch) -> RouteResult:
+        now = self.clock.now()
+        deadline = now + timedelta(seconds=msg.deadline_s) if msg.deadline_s else None
+        started = transaction(self.sessions, lambda s: engine.start_batch(
+            s, msg.pipeline, msg.batch_id, msg.params, now, deadline_at=deadline))
+        if not started.created:
+            logs.info("batch already exists", outcome="exists", **_labels(msg))
+            return RouteResult("exists")
+        self.publish(started.queued)
+        logs.info(f"batch started, {len(started.queued)} task(s) queued", outcome="started",
+                  **_labels(msg))
+        return RouteResult("started", published=len(started.queued))
+
+    def run_task(self, msg: RunTask) -> RouteResult:
+        labels = _labels(msg)
+        now = self.clock.now()
+
+        def claim(s: Session) -> Claimed | None:
+            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task)
+            return engine.claim(s, row, msg.attempt, now)
+
+        claimed = transaction(self.sessions, claim)
+        if claimed is None:
+            logs.info("duplicate or stale delivery: task is not QUEUED under this attempt",
+                      outcome="duplicate", **labels)
+            return RouteResult("duplicate")
+        row = claimed.row
+        started = time.perf_counter()
+        try:
+            output = self._run_handler(claimed)
+        except PermanentError as exc:
+            return self._fail(row, msg.attempt, f"{type(exc).__name__}: {exc}", None, labels)
+        except Exception as exc:  # noqa: BLE001 - an unknown failure goes through the retry policy
+            logs.emit(logging.WARNING, f"attempt failed: {type(exc).__name__}: {exc}",
+                      outcome="failed", **labels)
+            return self._fail(row, msg.attempt, f"{type(exc).__name__}: {exc}",
+                              row.retry_delay(msg.attempt), labels)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        done = self.clock.now()
+        outcome = transaction(self.sessions,
+                              lambda s: engine.succeed(s, row, msg.attempt, output, done))
+        if not outcome.applied:
+            logs.warning(f"result discarded: {outcome.reason}", outcome="stale", **labels)
+            return RouteResult("stale", outcome.reason)
+        self._after(outcome, row)
+        logs.info(f"succeeded in {elapsed_ms:.1f} ms", outcome="succeeded", **labels)
+        return RouteResult("succeeded", published=len(outcome.queued))
+
+    def object_finalized(self, obj: StorageObject) -> RouteResult:
+        """A file landed: start its batch if needed and release the task waiting for it."""
+        matches = transaction(self.sessions, lambda s: _matching_triggers(s, obj))
+        if not matches:
+            logs.info(f"no pipeline trigger matches {obj.uri}", outcome="ignored")
+            return RouteResult("ignored", f"no trigger matches {obj.uri}")
+        now = self.clock.now()
+        published = 0
+        outcomes = []
+        for pipeline, task, batch_id in matches:
+            labels = {"pipeline": pipeline, "batch_id": batch_id, "task": task}
+
+            def release(s: Session, pipeline: str = pipeline, task: str = task,
+                        batch_id: str = batch_id) -> tuple[engine.Started, Outcome]:
+                started = engine.start_batch(s, pipeline, batch_id, {}, now)
+                row = engine.resolve_task(s, pipeline, batch_id, task)
+                return started, engine.release_waiting_root(s, row, obj.as_trigger(), now)
+
+            try:
+                started, released = transaction(self.sessions, release)
+            except InvalidInput as exc:
+                logs.warning(f"cannot start from {obj.uri}: {exc}", outcome="invalid", **labels)
+                outcomes.append("invalid")
+                continue
+            queued = [*started.queued, *released.queued]
+            self.publish(queued)
+            published += len(queued)
+            if released.applied:
+                logs.info(f"file {obj.uri} arrived; task queued", outcome="queued", **labels)
+                outcomes.append("queued")
+            else:
+                logs.info(f"file {obj.uri} arrived but {released.reason}", outcome="duplicate",
+                          **labels)
+                outcomes.append("duplicate")
+        best = "queued" if "queued" in outcomes else (outcomes[0] if outcomes else "ignored")
+        return RouteResult(best, published=published)
+
+    # -- maintenance ----------------------------------------------------------------
+
+    def sweep(self) -> SweepReport:
+        """One idempotent maintenance pass (run every minute by the scheduler)."""
+        report = SweepReport()
+        now = self.clock.now()
+        due = transaction(self.sessions, lambda s: maintenance.requeue_due(s, now))
+        self.publish(due)
+        report.requeued = len(due)
+        stale = transaction(self.sessions, lambda s: maintenance.redispatch_stale(
+            s, now, self.redispatch_after_s))
+        self.publish(stale)
+        report.redispatched = len(stale)
+        report.expired = self._expire_leases(now, report)
+        for pipeline, batch_id in transaction(self.sessions,
+                                              lambda s: maintenance.overdue_batches(s, now)):
+            transaction(self.sessions, lambda s, p=pipeline, b=batch_id: engine.cancel_batch(
+                s, p, b, now, reason="deadline passed"))
+            logs.warning("batch cancelled: deadline passed", pipeline=pipeline, batch_id=batch_id)
+            report.cancelled_batches += 1
+        for batch_pk in transaction(self.sessions, maintenance.finished_open_batches):
+            if self._close(batch_pk):
+                report.closed_batches += 1
+        return report
+
+    def _expire_leases(self, now: Any, report: SweepReport) -> int:
+        def expire(s: Session) -> list[tuple[Outcome, TaskRow]]:
+            done = []
+            for batch_pk, task_id, attempt in maintenance.expired_leases(s, now):
+                row = engine.lookup.resolve_task_by_id(s, batch_pk, task_id)
+                delay = row.retry_delay(attempt)
+                outcome = engine.fail(s, row, attempt,
+                                      f"lease expired: no result within {row.timeout_s:g}s",
+                                      now, retry_delay_s=delay)
+                done.append((outcome, row))
+            return done
+
+        results = transaction(self.sessions, expire)
+        for outcome, row in results:
+            logs.warning("lease expired", pipeline=row.pipeline, batch_id=row.batch_id,
+                         task=row.task)
+            self._after(outcome, row)
+        return len(results)
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def publish(self, dispatches: Sequence[Dispatch]) -> None:
+        if not dispatches:
+            return
+        try:
+            self.publisher.publish([dispatch_message(d) for d in dispatches])
+        except InfrastructureError:
+            raise
+        except Exception as exc:
+            # The rows are QUEUED and committed: the sweeper will publish them again.
+            raise InfrastructureError(f"publish failed: {exc}") from exc
+
+    def _run_handler(self, claimed: Claimed) -> dict[str, Any] | None:
+        row = claimed.row
+        try:
+            fn = handlers.resolve(row.handler)
+        except (KeyError, ImportError, AttributeError, ValueError, TypeError) as exc:
+            raise PermanentError(f"handler {row.handler!r} cannot be loaded: {exc}") from exc
+        ctx = TaskContext(
+            pipeline=row.pipeline, batch_id=row.batch_id, task=row.task,
+            attempt=claimed.attempt, config=row.config, input=claimed.input,
+            deadline=claimed.lease_expires_at, warehouse_factory=self.warehouse_factory,
+            object_store_factory=self.object_store_factory, clock=self.clock,
+            active=lambda: self._still_running(row.log_id, claimed.attempt),
+        )
+        output = fn(ctx)
+        if output is None:
+            return None
+        if not isinstance(output, dict):
+            raise PermanentError(f"handler returned {type(output).__name__}, expected a dict")
+        try:
+            return json.loads(json.dumps(output, default=str))
+        except (TypeError, ValueError) as exc:
+            raise PermanentError(f"handler output is not JSON-serialisable: {exc}") from exc
+
+    def _still_running(self, log_id: int, attempt: int) -> bool:
+        with self.sessions() as s:
+            status = s.execute(
+                select(TaskLog.status).where(TaskLog.id == log_id, TaskLog.attempt == attempt)
+            ).scalar_one_or_none()
+        return status == TaskStatus.RUNNING
+
+    def _fail(self, row: TaskRow, attempt: int, error: str, delay: float | None,
+              labels: dict[str, Any]) -> RouteResult:
+        now = self.clock.now()
+        outcome = transaction(self.sessions, lambda s: engine.fail(
+            s, row, attempt, error, now, retry_delay_s=delay))
+        if not outcome.applied:
+            logs.warning(f"failure discarded: {outcome.reason}", outcome="stale", **labels)
+            return RouteResult("stale", outcome.reason)
+        self._after(outcome, row)
+        if delay is None:
+            logs.error(f"task failed: {error}", outcome="failed", **labels)
+            return RouteResult("failed", error, published=len(outcome.queued))
+        logs.warning(f"will retry in {delay:g}s: {error}", outcome="retrying", **labels)
+        return RouteResult("retrying", error, published=len(outcome.queued))
+
+    def _after(self, outcome: Outcome, row: TaskRow) -> None:
+        self.publish(outcome.queued)
+        if outcome.check_batch:
+            self._close(row.batch_pk)
+
+    def _close(self, batch_pk: int) -> bool:
+        now = self.clock.now()
+        finished = transaction(self.sessions,
+                               lambda s: engine.close_batch_if_done(s, batch_pk, now))
+        if finished is None:
+            return False
+        logs.info(f"batch finished: {finished.status} in {finished.duration_s:.3f}s",
+                  pipeline=finished.pipeline, batch_id=finished.batch_id)
+        if self.on_batch_finished is not None:
+            self.on_batch_finished(finished)
+        return True
+
+
+def _labels(msg: Any) -> dict[str, Any]:
+    return {k: getattr(msg, k) for k in ("pipeline", "batch_id", "task", "attempt")
+            if getattr(msg, k, None) is not None}
+
+
+def _matching_triggers(session: Session, obj: StorageObject) -> list[tuple[str, str, str]]:
+    """(pipeline, task, batch_id) for every current task whose GCS trigger matches."""
+    rows = session.execute(
+        select(Pipeline.name, Task.name, Task.gcs_bucket, Task.gcs_pattern)
+        .join(Task, (Task.pipeline_id == Pipeline.id) & (Task.version == Pipeline.version))
+        .where(Task.gcs_bucket == obj.bucket)
+    ).all()
+    out = []
+    for pipeline, task, bucket, pattern in rows:
+        batch_id = GcsTrigger(bucket=bucket, pattern=pattern).match(obj.bucket, obj.name)
+        if batch_id is not None:
+            out.append((pipeline, task, batch_id))
+    return out

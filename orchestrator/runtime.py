@@ -1,0 +1,229 @@
+"""Wiring: the one place where settings pick adapters.
+
+`Runtime.embedded()` is the zero-setup default (SQLite file, in-process bus,
+local buckets, DuckDB); `Runtime.cloud()` is what the Cloud Function builds
+(Postgres via DATABASE_URL, Pub/Sub, BigQuery, GCS). Both wire the same router,
+engine and handlers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator import engine as eng
+from orchestrator import logs
+from orchestrator.db import migrate
+from orchestrator.db.models import Batch, Pipeline
+from orchestrator.db.session import make_engine, make_sessionmaker, transaction
+from orchestrator.engine.types import BatchFinished
+from orchestrator.pipeline.spec import PipelineSpec, load_pipelines
+from orchestrator.pipeline.sync import SyncResult, sync_pipeline
+from orchestrator.ports import Clock, ObjectStore, Publisher, SystemClock, Warehouse
+from orchestrator.router import Router
+from orchestrator.settings import Settings, get_settings
+from orchestrator.status import BATCH_TERMINAL, BatchStatus
+
+
+class _Lazy:
+    """Build an adapter on first use, once, thread-safely."""
+
+    def __init__(self, build: Callable[[], Any]):
+        self._build = build
+        self._value: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Any:
+        if self._value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = self._build()
+        return self._value
+
+
+def make_warehouse(settings: Settings) -> Warehouse:
+    if settings.warehouse == "bigquery":
+        from orchestrator.adapters.gcp.bigquery import BigQueryWarehouse
+
+        return BigQueryWarehouse(project=settings.gcp_project, default_dataset=settings.bq_dataset,
+                                 location=settings.bq_location)
+    from orchestrator.adapters.local.warehouse import DuckDBWarehouse
+
+    return DuckDBWarehouse(settings.home / "warehouse.duckdb",
+                           default_dataset=settings.bq_dataset or "analytics")
+
+
+def make_object_store(settings: Settings) -> ObjectStore:
+    if settings.object_store == "gcs":
+        from orchestrator.adapters.gcp.storage import GcsObjectStore
+
+        return GcsObjectStore(project=settings.gcp_project)
+    from orchestrator.adapters.local.object_store import LocalObjectStore
+
+    return LocalObjectStore(settings.home / "buckets")
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Engine,
+        publisher: Publisher,
+        *,
+        clock: Clock | None = None,
+        bus: Any = None,
+        warehouse_factory: Callable[[], Warehouse] | None = None,
+        object_store_factory: Callable[[], ObjectStore] | None = None,
+    ):
+        self.settings = settings
+        self.db = db
+        self.sessions: sessionmaker[Session] = make_sessionmaker(db)
+        self.clock = clock or SystemClock()
+        self.bus = bus
+        self.publisher = publisher
+        self.warehouse = warehouse_factory or _Lazy(lambda: make_warehouse(settings))
+        self.object_store = object_store_factory or _Lazy(lambda: make_object_store(settings))
+        self._finished_listeners: list[Callable[[BatchFinished], None]] = []
+        self.router = Router(
+            self.sessions, publisher, clock=self.clock,
+            warehouse_factory=self.warehouse, object_store_factory=self.object_store,
+            redispatch_after_s=settings.redispatch_after_s,
+            on_batch_finished=self._batch_finished,
+        )
+        if bus is not None:
+            bus.attach(self.router.handle_payload)
+        self._sweeper: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def embedded(cls, settings: Settings | None = None, *, workers: int | None = None,
+                 clock: Clock | None = None, migrate_db: bool = True,
+                 start: bool = True) -> Runtime:
+        from orchestrator.adapters.local.bus import InProcessBus
+
+        settings = settings or get_settings()
+        db = make_engine(settings.resolved_database_url(), pool_size=max(8, (workers or settings.workers) * 2),
+                         max_overflow=4, pool_timeout=settings.db_pool_timeout_s)
+        if migrate_db:
+            migrate.upgrade(db)
+        bus = InProcessBus(workers or settings.workers)
+        rt = cls(settings, db, bus, clock=clock, bus=bus)
+        if start:
+            bus.start()
+        return rt
+
+    @classmethod
+    def cloud(cls, settings: Settings | None = None) -> Runtime:
+        from orchestrator.adapters.gcp.pubsub import PubSubPublisher
+
+        settings = settings or get_settings()
+        db = make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size,
+                         max_overflow=settings.db_max_overflow,
+                         pool_timeout=settings.db_pool_timeout_s)
+        if not settings.gcp_project:
+            raise RuntimeError("ORCHESTRATOR_GCP_PROJECT is not set")
+        return cls(settings, db, PubSubPublisher(settings.gcp_project, settings.tasks_topic))
+
+    # -- operations -------------------------------------------------------------------
+
+    def sync(self, path: str | Path) -> list[SyncResult]:
+        specs = load_pipelines(path)
+        return self.sync_specs(specs)
+
+    def sync_specs(self, specs: list[PipelineSpec]) -> list[SyncResult]:
+        now = self.clock.now()
+        return transaction(self.sessions, lambda s: [sync_pipeline(s, sp, now) for sp in specs])
+
+    def start_batch(self, pipeline: str, batch_id: str, params: dict[str, Any] | None = None,
+                    deadline_s: float | None = None) -> bool:
+        from orchestrator.messages import StartBatch
+
+        msg = StartBatch(type="start_batch", pipeline=pipeline, batch_id=batch_id,
+                         params=params or {}, deadline_s=deadline_s)
+        return self.router.start_batch(msg).outcome == "started"
+
+    def cancel(self, pipeline: str, batch_id: str) -> int:
+        now = self.clock.now()
+        return transaction(self.sessions, lambda s: eng.cancel_batch(s, pipeline, batch_id, now))
+
+    def retry(self, pipeline: str, batch_id: str, tasks: list[str] | None = None) -> int:
+        now = self.clock.now()
+        queued = transaction(self.sessions,
+                             lambda s: eng.retry_batch(s, pipeline, batch_id, now, tasks))
+        self.router.publish(queued)
+        return len(queued)
+
+    def batch_status(self, pipeline: str, batch_id: str) -> BatchStatus | None:
+        with self.sessions() as s:
+            return s.execute(
+                select(Batch.status).join(Pipeline, Pipeline.id == Batch.pipeline_id)
+                .where(Pipeline.name == pipeline, Batch.batch_id == batch_id)
+            ).scalar_one_or_none()
+
+    def wait(self, pipeline: str, batch_id: str, timeout: float = 60.0,
+             sweep_every_s: float = 0.5) -> BatchStatus | None:
+        """Block until the batch is terminal (sweeping now and then, as the scheduler
+        would); returns the final status, or the current one on timeout."""
+        deadline = time.monotonic() + timeout
+        last_sweep = time.monotonic()
+        while True:
+            status = self.batch_status(pipeline, batch_id)
+            if status in BATCH_TERMINAL:
+                return status
+            if time.monotonic() >= deadline:
+                return status
+            if self.bus is not None:
+                self.bus.drain(timeout=0.05)
+            if time.monotonic() - last_sweep >= sweep_every_s:
+                self.router.sweep()
+                last_sweep = time.monotonic()
+            else:
+                time.sleep(0.002)
+
+    def on_batch_finished(self, callback: Callable[[BatchFinished], None]) -> None:
+        self._finished_listeners.append(callback)
+
+    def _batch_finished(self, finished: BatchFinished) -> None:
+        for cb in list(self._finished_listeners):
+            try:
+                cb(finished)
+            except Exception as exc:  # noqa: BLE001 - a listener never breaks the engine
+                logs.warning(f"batch-finished listener failed: {exc}")
+
+    def start_sweeper(self, interval_s: float = 1.0) -> None:
+        """Run the sweeper in the background, as Cloud Scheduler does every minute."""
+        if self._sweeper is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.router.sweep()
+                except Exception as exc:  # noqa: BLE001 - keep sweeping
+                    logs.warning(f"sweep failed: {exc}")
+
+        self._sweeper = threading.Thread(target=loop, name="orchestrator-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._sweeper is not None:
+            self._sweeper.join(5)
+        if self.bus is not None:
+            self.bus.stop()
+        self.db.dispose()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,459 @@
+"""Static checks of the Terraform in terraform/: wiring, least privilege, contract.
+
+Google Cloud cannot be reached from the test machine, so every `.tf` file is
+parsed with python-hcl2 and the resulting configuration is inspected.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TERRAFORM = ROOT / "terraform"
+FUNCTIONS_MAIN = ROOT / "functions" / "main.py"
+
+CONTRACT_ENTRY_POINTS = {"route", "on_object_finalized", "sweep", "status"}
+PUBLIC_MEMBERS = {"allUsers", "allAuthenticatedUsers"}
+PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
+SETTINGS_ENV = {
+    "DATABASE_URL",
+    "ORCHESTRATOR_GCP_PROJECT",
+    "ORCHESTRATOR_TASKS_TOPIC",
+    "ORCHESTRATOR_EVENTS_TOPIC",
+    "ORCHESTRATOR_DB_POOL_SIZE",
+    "ORCHESTRATOR_DB_MAX_OVERFLOW",
+    "ORCHESTRATOR_PIPELINES_DIR",
+    "ORCHESTRATOR_WAREHOUSE",
+    "ORCHESTRATOR_BQ_DATASET",
+    "ORCHESTRATOR_LOG_FORMAT",
+}
+
+
+# --- Normalising python-hcl2 output ------------------------------------------
+# Depending on its version, python-hcl2 keeps the quotes of string literals and
+# block labels ('"abc"'), wraps expressions in ${...}, marks blocks with
+# "__is_block__" and keeps comments under "__comments__". The helpers below
+# give plain Python values without those markers.
+
+_MARKERS = {"__is_block__", "__comments__", "__inline_comments__"}
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        return text[1:-1]
+    return text
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_unquote(k): _normalise(v) for k, v in value.items() if k not in _MARKERS}
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    if isinstance(value, str):
+        return _unquote(value)
+    return value
+
+
+def expr(value: Any) -> str:
+    """An expression as text without a ${...} wrapper: '${var.x}' -> 'var.x'."""
+    text = str(value)
+    if text.startswith("${") and text.endswith("}") and text.count("${") == 1:
+        return text[2:-1]
+    return text
+
+
+def block(body: Any, name: str) -> Any:
+    """The first (usually only) nested block called name, or None."""
+    found = body.get(name)
+    if isinstance(found, list):
+        return found[0] if found else None
+    return found
+
+
+def tf_files() -> list[Path]:
+    return sorted(
+        p
+        for p in TERRAFORM.rglob("*.tf")
+        if not {".terraform", ".build"} & set(p.relative_to(TERRAFORM).parts)
+    )
+
+
+@cache
+def parsed(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as handle:
+        return _normalise(hcl2.load(handle))
+
+
+def root_files() -> list[Path]:
+    return [p for p in tf_files() if p.parent == TERRAFORM]
+
+
+def root_blocks(kind: str) -> Iterator[dict[str, Any]]:
+    for path in root_files():
+        yield from parsed(path).get(kind, [])
+
+
+@cache
+def resources() -> dict[str, dict[str, dict[str, Any]]]:
+    """type -> name -> body, over the root module."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for entry in root_blocks("resource"):
+        for rtype, named in entry.items():
+            for name, body in named.items():
+                out.setdefault(rtype, {})[name] = body
+    return out
+
+
+@cache
+def variables() -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for entry in root_blocks("variable"):
+        out.update(entry)
+    return out
+
+
+@cache
+def locals_() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for entry in root_blocks("locals"):
+        out.update(entry)
+    return out
+
+
+def functions() -> dict[str, dict[str, Any]]:
+    return resources().get("google_cloudfunctions2_function", {})
+
+
+def resolve(value: Any) -> Any:
+    """Follow a reference to a local (local.a or local.a.b) to its value."""
+    text = expr(value)
+    match = re.fullmatch(r"local\.([A-Za-z_][\w-]*)((?:\.[A-Za-z_][\w-]*)*)", text)
+    if not match:
+        return value
+    current: Any = locals_()[match.group(1)]
+    for part in filter(None, match.group(2).split(".")):
+        current = current[part]
+    return current
+
+
+def strings(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def all_resources() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for rtype, named in resources().items():
+        for name, body in named.items():
+            yield rtype, name, body
+
+
+def referenced_by(value: Any, rtype: str, name: str) -> bool:
+    return f"{rtype}.{name}." in " ".join(strings(value))
+
+
+# --- Layout -------------------------------------------------------------------
+
+
+def test_every_tf_file_parses_with_python_hcl2() -> None:
+    files = tf_files()
+    assert {"main.tf", "variables.tf", "outputs.tf", "versions.tf"} <= {
+        p.name for p in root_files()
+    }
+    assert any(p.parent == TERRAFORM / "examples" / "minimal" for p in files)
+    for path in files:
+        assert isinstance(parsed(path), dict), path
+
+
+def test_every_variable_is_typed_and_described() -> None:
+    assert variables()
+    for name, body in variables().items():
+        assert body.get("type"), f"variable {name} has no type"
+        assert str(body.get("description", "")).strip(), f"variable {name} has no description"
+
+
+def test_versions_pin_a_range_of_the_google_provider() -> None:
+    blocks = list(root_blocks("terraform"))
+    providers: dict[str, Any] = {}
+    for entry in blocks:
+        for required in entry.get("required_providers", []):
+            providers.update(required)
+    google = providers["google"]
+    assert google["source"] == "hashicorp/google"
+    version = google["version"]
+    assert re.search(r">=?\s*6", version) and re.search(r"<\s*7", version), version
+
+
+# --- Functions and their triggers ------------------------------------------------
+
+
+def test_the_four_functions_exist_with_the_contract_entry_points() -> None:
+    entry_points = {
+        expr(resolve(block(body, "build_config")["entry_point"])) for body in functions().values()
+    }
+    assert entry_points == CONTRACT_ENTRY_POINTS
+
+
+def test_entry_points_are_top_level_functions_of_functions_main() -> None:
+    if not FUNCTIONS_MAIN.exists():
+        pytest.skip("functions/main.py is not there yet; the contract set was checked above")
+    tree = ast.parse(FUNCTIONS_MAIN.read_text(encoding="utf-8"))
+    defined = {
+        node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    for name, body in functions().items():
+        entry_point = expr(resolve(block(body, "build_config")["entry_point"]))
+        assert entry_point in defined, f"{name}: {entry_point} is not defined in functions/main.py"
+
+
+def _function_named(entry_point: str) -> tuple[str, dict[str, Any]]:
+    for name, body in functions().items():
+        if expr(resolve(block(body, "build_config")["entry_point"])) == entry_point:
+            return name, body
+    raise AssertionError(f"no function with entry point {entry_point}")
+
+
+def test_every_function_has_a_trigger() -> None:
+    rtype = "google_cloudfunctions2_function"
+    subscriptions = resources().get("google_pubsub_subscription", {}).values()
+    schedules = resources().get("google_cloud_scheduler_job", {}).values()
+    for name, body in functions().items():
+        entry_point = expr(resolve(block(body, "build_config")["entry_point"]))
+        triggers = []
+        if block(body, "event_trigger"):
+            triggers.append("eventarc")
+        if any(
+            referenced_by(block(s, "push_config"), rtype, name)
+            for s in subscriptions
+            if block(s, "push_config")
+        ):
+            triggers.append("pubsub push")
+        if any(referenced_by(block(j, "http_target"), rtype, name) for j in schedules):
+            triggers.append("scheduler")
+        if entry_point == "status":
+            triggers.append("authenticated HTTP")
+        assert triggers, f"function {name} has no trigger"
+
+
+def test_on_object_finalized_is_an_eventarc_storage_trigger_on_the_landing_buckets() -> None:
+    _, body = _function_named("on_object_finalized")
+    trigger = block(body, "event_trigger")
+    assert trigger["event_type"] == "google.cloud.storage.object.v1.finalized"
+    assert trigger.get("service_account_email")
+    filters = trigger["event_filters"]
+    assert any(
+        f["attribute"] == "bucket" and "google_storage_bucket.landing" in f["value"]
+        for f in filters
+    )
+
+
+def test_sweep_is_run_by_a_cloud_scheduler_job_with_oidc() -> None:
+    name, _ = _function_named("sweep")
+    jobs = [
+        j
+        for j in resources().get("google_cloud_scheduler_job", {}).values()
+        if referenced_by(block(j, "http_target"), "google_cloudfunctions2_function", name)
+    ]
+    assert jobs, "sweep has no Cloud Scheduler job"
+    target = block(jobs[0], "http_target")
+    assert block(target, "oidc_token")["service_account_email"]
+
+
+def test_route_is_fed_by_push_subscriptions_on_tasks_and_dead_letter() -> None:
+    name, _ = _function_named("route")
+    topics = {
+        expr(s["topic"])
+        for s in resources()["google_pubsub_subscription"].values()
+        if block(s, "push_config")
+        and referenced_by(block(s, "push_config"), "google_cloudfunctions2_function", name)
+    }
+    assert topics == {"google_pubsub_topic.tasks.id", "google_pubsub_topic.dead_letter.id"}
+
+
+def test_every_push_subscription_has_oidc_retry_backoff_and_dead_letter_policy() -> None:
+    pushes = {
+        n: s
+        for n, s in resources()["google_pubsub_subscription"].items()
+        if block(s, "push_config")
+    }
+    assert pushes
+    for name, sub in pushes.items():
+        oidc = block(block(sub, "push_config"), "oidc_token")
+        assert oidc and oidc.get("service_account_email"), f"{name} pushes without OIDC"
+        retry = block(sub, "retry_policy")
+        assert retry and retry.get("minimum_backoff") and retry.get("maximum_backoff"), name
+        dead_letter = block(sub, "dead_letter_policy")
+        assert dead_letter and dead_letter.get("dead_letter_topic"), (
+            f"{name} has no dead-letter policy"
+        )
+        assert dead_letter.get("max_delivery_attempts"), name
+
+
+def test_pubsub_service_agent_can_dead_letter() -> None:
+    topic_grants = resources()["google_pubsub_topic_iam_member"]
+    sub_grants = resources()["google_pubsub_subscription_iam_member"]
+    assert any(
+        "pubsub_service_agent" in g["member"] and g["role"] == "roles/pubsub.publisher"
+        for g in topic_grants.values()
+    )
+    assert any(
+        "pubsub_service_agent" in g["member"] and g["role"] == "roles/pubsub.subscriber"
+        for g in sub_grants.values()
+    )
+
+
+def test_every_function_sets_scaling_memory_timeout_and_the_settings_environment() -> None:
+    for name, body in functions().items():
+        service = block(body, "service_config")
+        for key in (
+            "max_instance_count",
+            "available_memory",
+            "timeout_seconds",
+            "service_account_email",
+        ):
+            assert service.get(key) not in (None, ""), f"{name} lacks {key}"
+        assert expr(service["environment_variables"]) == "local.function_environment", name
+    # function_environment = merge(var.extra_environment, local.settings_environment):
+    # the settings win over anything extra.
+    merged = expr(locals_()["function_environment"]).replace(" ", "")
+    assert merged == "merge(var.extra_environment,local.settings_environment)"
+    assert set(locals_()["settings_environment"]) >= SETTINGS_ENV
+
+
+def test_database_password_is_a_mounted_secret_never_a_plain_variable() -> None:
+    environment_text = " ".join(strings(locals_()["settings_environment"]))
+    assert "PASSWORD" not in environment_text.upper().replace("ORCHESTRATOR_DB_PASSWORD", "")
+    assert "random_password" not in environment_text
+    assert "secret_data" not in environment_text
+    database_url = [s for s in strings(locals_()["settings_environment"]) if "postgresql" in s]
+    assert database_url and all(
+        ":" not in s.split("://", 1)[1].split("@", 1)[0] for s in database_url
+    )
+    for name, body in functions().items():
+        service = block(body, "service_config")
+        assert expr(service["environment_variables"]) == "local.function_environment", name
+        secrets = service.get("secret_environment_variables", [])
+        assert any(
+            s["key"] == "ORCHESTRATOR_DB_PASSWORD" and "google_secret_manager_secret" in s["secret"]
+            for s in secrets
+        ), f"{name} does not mount the password secret"
+
+
+def test_migration_job_runs_db_upgrade_with_the_password_from_secret_manager() -> None:
+    job = resources()["google_cloud_run_v2_job"]["migrate"]
+    container = block(block(block(job, "template"), "template"), "containers")
+    assert container["args"] == ["db", "upgrade"]
+    envs = container.get("env", [])
+    password = [e for e in envs if e.get("name") == "ORCHESTRATOR_DB_PASSWORD"]
+    assert password and block(block(password[0], "value_source"), "secret_key_ref")
+    assert "value" not in password[0]
+    run = resources()["terraform_data"]["migrate"]
+    assert "gcloud run jobs execute" in " ".join(strings(run))
+
+
+# --- Least privilege -----------------------------------------------------------
+
+
+def test_no_iam_grant_is_public_or_primitive() -> None:
+    iam = [(t, n, b) for t, n, b in all_resources() if "_iam_" in t]
+    assert iam
+    for rtype, name, body in iam:
+        members = body.get("members", []) + ([body["member"]] if "member" in body else [])
+        for member in members:
+            assert expr(member) not in PUBLIC_MEMBERS, f"{rtype}.{name} grants {member}"
+        role = expr(body.get("role", ""))
+        assert role not in PRIMITIVE_ROLES, f"{rtype}.{name} grants {role}"
+    for text in (s for _, _, b in all_resources() for s in strings(b)):
+        assert "allUsers" not in text and "allAuthenticatedUsers" not in text
+    assert not set(variables()["status_invokers"].get("default", [])) & PUBLIC_MEMBERS
+
+
+def test_each_function_runs_as_its_own_service_account() -> None:
+    accounts = [
+        expr(block(b, "service_config")["service_account_email"]) for b in functions().values()
+    ]
+    assert len(set(accounts)) == len(accounts)
+
+
+def test_route_gets_bigquery_on_its_dataset_only_and_publishes_to_tasks() -> None:
+    dataset_grants = resources()["google_bigquery_dataset_iam_member"].values()
+    assert any(
+        g["role"] == "roles/bigquery.dataEditor" and 'functions["route"]' in g["member"]
+        for g in dataset_grants
+    )
+    project_roles = {expr(g["role"]) for g in resources()["google_project_iam_member"].values()}
+    assert "roles/bigquery.dataEditor" not in project_roles
+    assert "roles/pubsub.subscriber" not in project_roles
+    tasks = resources()["google_pubsub_topic_iam_member"]["tasks_publisher"]
+    assert tasks["role"] == "roles/pubsub.publisher"
+    assert expr(tasks["topic"]) == "google_pubsub_topic.tasks.name"
+
+
+# --- Data and database -----------------------------------------------------------
+
+
+def test_buckets_have_uniform_access_public_access_prevention_and_lifecycle() -> None:
+    buckets = resources()["google_storage_bucket"]
+    for name, bucket in buckets.items():
+        assert bucket["uniform_bucket_level_access"] is True, name
+        assert bucket["public_access_prevention"] == "enforced", name
+        assert bucket.get("lifecycle_rule"), name
+    landing = buckets["landing"]
+    assert block(landing, "versioning")["enabled"] is True or block(landing, "retention_policy")
+
+
+def test_cloud_sql_has_private_ip_tls_and_automated_backups() -> None:
+    instance = resources()["google_sql_database_instance"]["metadata"]
+    settings = block(instance, "settings")
+    ip = block(settings, "ip_configuration")
+    assert ip["ipv4_enabled"] is False and ip.get("private_network")
+    assert ip["ssl_mode"] in {"ENCRYPTED_ONLY", "TRUSTED_CLIENT_CERTIFICATE_REQUIRED"}
+    backups = block(settings, "backup_configuration")
+    assert backups["enabled"] is True and backups["point_in_time_recovery_enabled"] is True
+
+
+def _default(name: str) -> Any:
+    return variables()[name]["default"]
+
+
+def test_default_connection_budget_fits_the_server() -> None:
+    sizes = _default("functions")
+    per_instance = _default("db_pool_size") + _default("db_max_overflow")
+    instances = (
+        sizes["route"]["max_instances"]
+        + sizes["on_object_finalized"]["max_instances"] * len(_default("landing_buckets"))
+        + sizes["sweep"]["max_instances"]
+        + sizes["status"]["max_instances"]
+    )
+    worst_case = instances * per_instance + per_instance + _default("db_reserved_connections")
+    assert worst_case <= _default("db_max_connections")
+    # The code's own defaults (pool 2, no overflow) are what the budget assumes.
+    assert (_default("db_pool_size"), _default("db_max_overflow")) == (2, 0)
+    instance = resources()["google_sql_database_instance"]["metadata"]
+    precondition = block(block(instance, "lifecycle"), "precondition")
+    assert "connection_budget" in precondition["condition"]
+
+
+def test_every_checkov_skip_gives_a_reason() -> None:
+    pattern = re.compile(r"checkov:skip=([A-Z0-9_]+)(.*)")
+    for path in TERRAFORM.rglob("*"):
+        if not path.is_file() or ".build" in path.parts or ".terraform" in path.parts:
+            continue
+        for line in path.read_text(encoding="utf-8", errors="ignore").splitlines():
+            match = pattern.search(line)
+            if match:
+                reason = match.group(2).lstrip(":").strip()
+                assert len(reason) >= 20, f"{path.name}: {match.group(1)} skipped without a reason"
