@@ -31,7 +31,14 @@ from orchestrator.errors import InfrastructureError, InvalidInput, PermanentErro
 from orchestrator.handlers.context import TaskContext
 from orchestrator.messages import RunTask, StartBatch, UnknownMessage, parse_message
 from orchestrator.pipeline.spec import GcsTrigger
-from orchestrator.ports import Clock, ObjectStore, OutboundMessage, Publisher, SystemClock, Warehouse
+from orchestrator.ports import (
+    Clock,
+    ObjectStore,
+    OutboundMessage,
+    Publisher,
+    SystemClock,
+    Warehouse,
+)
 from orchestrator.status import TaskStatus
 from orchestrator.storage_events import StorageObject
 
@@ -141,7 +148,7 @@ class Router:
             output = self._run_handler(claimed)
         except PermanentError as exc:
             return self._fail(row, msg.attempt, f"{type(exc).__name__}: {exc}", None, labels)
-        except Exception as exc:  # noqa: BLE001 - an unknown failure goes through the retry policy
+        except Exception as exc:  # an unknown failure goes through the retry policy
             logs.emit(logging.WARNING, f"attempt failed: {type(exc).__name__}: {exc}",
                       outcome="failed", **labels)
             return self._fail(row, msg.attempt, f"{type(exc).__name__}: {exc}",

@@ -196,7 +196,7 @@ class Runtime:
         for cb in list(self._finished_listeners):
             try:
                 cb(finished)
-            except Exception as exc:  # noqa: BLE001 - a listener never breaks the engine
+            except Exception as exc:  # a listener never breaks the engine
                 logs.warning(f"batch-finished listener failed: {exc}")
 
     def start_sweeper(self, interval_s: float = 1.0) -> None:
@@ -208,7 +208,7 @@ class Runtime:
             while not self._stop.wait(interval_s):
                 try:
                     self.router.sweep()
-                except Exception as exc:  # noqa: BLE001 - keep sweeping
+                except Exception as exc:  # keep sweeping; the next pass retries
                     logs.warning(f"sweep failed: {exc}")
 
         self._sweeper = threading.Thread(target=loop, name="orchestrator-sweeper", daemon=True)

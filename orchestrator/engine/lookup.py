@@ -79,7 +79,7 @@ def resolve_task_by_id(session: Session, batch_pk: int, task_id: int) -> TaskRow
 
 def _resolve(session: Session, *where: Any) -> TaskRow | None:
     row = session.execute(
-        select(Pipeline.name, Batch.batch_id, Task.name, 
+        select(Pipeline.name, Batch.batch_id, Task.name,
             TaskLog.id, Batch.id, Task.id, Task.handler, Task.config, TaskLog.status,
             TaskLog.attempt, TaskLog.retry_base, Task.max_attempts, Task.retry_initial_delay_s,
             Task.retry_backoff_factor, Task.retry_max_delay_s, Task.timeout_s,

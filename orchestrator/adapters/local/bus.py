@@ -113,6 +113,6 @@ class InProcessBus:
             with self._cv:
                 heapq.heappush(self._ready, (due, next(self._seq), data, tries + 1))
                 self._cv.notify()
-        except Exception as exc:  # noqa: BLE001 - a worker must survive any message
+        except Exception as exc:  # a worker must survive any message
             logs.error(f"unhandled error routing message: {type(exc).__name__}: {exc}",
                        message=data)
