@@ -47,3 +47,8 @@ $(CHECKOV_VENV)/.installed:
 terraform-check: install $(CHECKOV_VENV)/.installed
 	$(BIN)/pytest -q tests/test_terraform.py
 	$(CHECKOV_VENV)/bin/checkov -d terraform --quiet --compact --skip-download
+
+# The storage and BigQuery emulators live in their own virtualenvs (pinned DuckDB).
+.PHONY: emulators-venv
+emulators-venv:
+	bash scripts/emulators-venv.sh all

@@ -19,29 +19,32 @@ GCS_EMULATOR_VERSION="${GCS_EMULATOR_VERSION:-2026.7.19}"
 DUCKDB_VERSION="1.5.5"
 what="${1:-all}"
 
+# A venv is reused only if its marker names the same packages: changing a pin here
+# upgrades existing venvs on the next run.
+is_ready() { [[ -f "$1/.ready" && "$(cat "$1/.ready")" == "$2" ]]; }
+
 make_bq() {
-  if [[ -f "$BQ_VENV/.ready" ]]; then return; fi
-  "$PYTHON" -m venv "$BQ_VENV"
-  "$BQ_VENV/bin/pip" install --quiet --disable-pip-version-check \
-    "bqemulator==$BQEMULATOR_VERSION" \
-    "duckdb==$DUCKDB_VERSION" \
-    "duckdb-extensions==$DUCKDB_VERSION" \
-    "duckdb-extension-spatial==$DUCKDB_VERSION"
+  # bqemulator registers Python UDFs in DuckDB, which need numpy at start-up.
+  local spec="bqemulator==$BQEMULATOR_VERSION duckdb==$DUCKDB_VERSION duckdb-extensions==$DUCKDB_VERSION duckdb-extension-spatial==$DUCKDB_VERSION numpy"
+  if is_ready "$BQ_VENV" "$spec"; then return; fi
+  [[ -x "$BQ_VENV/bin/pip" ]] || "$PYTHON" -m venv "$BQ_VENV"
+  # shellcheck disable=SC2086
+  "$BQ_VENV/bin/pip" install --quiet --disable-pip-version-check $spec
   # bqemulator loads the spatial extension at start and would download it; import the
   # packaged copy once so DuckDB finds it in its extension folder under this HOME.
   local home="$BQ_VENV/home"
   mkdir -p "$home"
   HOME="$home" "$BQ_VENV/bin/python" -c \
     "import duckdb_extensions; duckdb_extensions.import_extension('spatial')"
-  touch "$BQ_VENV/.ready"
+  echo "$spec" > "$BQ_VENV/.ready"
 }
 
 make_gcs() {
-  if [[ -f "$GCS_VENV/.ready" ]]; then return; fi
-  "$PYTHON" -m venv "$GCS_VENV"
-  "$GCS_VENV/bin/pip" install --quiet --disable-pip-version-check \
-    "gcp-storage-emulator==$GCS_EMULATOR_VERSION"
-  touch "$GCS_VENV/.ready"
+  local spec="gcp-storage-emulator==$GCS_EMULATOR_VERSION"
+  if is_ready "$GCS_VENV" "$spec"; then return; fi
+  [[ -x "$GCS_VENV/bin/pip" ]] || "$PYTHON" -m venv "$GCS_VENV"
+  "$GCS_VENV/bin/pip" install --quiet --disable-pip-version-check "$spec"
+  echo "$spec" > "$GCS_VENV/.ready"
 }
 
 case "$what" in

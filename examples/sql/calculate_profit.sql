@@ -13,7 +13,7 @@ cost AS (
   GROUP BY region
 )
 SELECT
-  DATE_TRUNC(CAST(CONCAT(@batch_id, '-01') AS DATE), MONTH) AS month,
+  CAST(CONCAT(@batch_id, '-01') AS DATE) AS month,
   COALESCE(r.region, c.region) AS region,
   COALESCE(r.revenue, 0) AS revenue,
   COALESCE(c.expenses, 0) AS expenses,

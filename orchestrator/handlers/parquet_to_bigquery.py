@@ -37,7 +37,7 @@ def check_config(config: Mapping[str, Any], base_dir: Path | None) -> list[str]:
     sources = [source] if isinstance(source, str) else source
     if source is not None and (
         not isinstance(sources, list) or not sources
-        or not all(isinstance(s, str) and s.startswith("gs://") for s in sources)
+        or not all(isinstance(s, str) and s.startswith(("gs://", "{trigger_")) for s in sources)
     ):
         problems.append(f"'source' must be a gs:// URI or a list of them, got {source!r}")
     if "table" not in config:

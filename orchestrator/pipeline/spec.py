@@ -223,7 +223,11 @@ def build_pipeline(
     if problems:
         raise PipelineValidationError(source, list(dict.fromkeys(problems)))
     assert spec is not None
-    return spec
+    from orchestrator.pipeline.checks import prepare_spec
+
+    # Inline what only the pipeline folder holds (SQL files), so the stored
+    # definition is self-contained and its hash covers the SQL text.
+    return prepare_spec(spec)
 
 
 def load_pipeline(path: str | Path, *, known_handlers: Iterable[str] | None = None) -> PipelineSpec:

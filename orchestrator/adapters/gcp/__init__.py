@@ -1,0 +1,1 @@
+"""Adapters for Google Cloud: BigQuery and Cloud Storage (clients imported lazily)."""

@@ -173,7 +173,7 @@ class DuckDBWarehouse:
                 {"files": files},
             )
             rows = self._write_stage(con, ref, write, partition, schema, allow_field_addition)
-            result = {"job_id": job_id, "rows_loaded": rows, "table": ref.name}
+            result: dict[str, Any] = {"job_id": job_id, "rows_loaded": rows, "table": ref.name}
             self._record(con, job_id, "load", result)
         return LoadResult(**result)
 
@@ -212,7 +212,7 @@ class DuckDBWarehouse:
                 for statement in statements:
                     cur = con.execute(statement, _used(statement, bound))
                     rows += _affected(cur)
-            result = {"job_id": job_id, "rows_affected": rows,
+            result: dict[str, Any] = {"job_id": job_id, "rows_affected": rows,
                       "destination": ref.name if ref else None}
             self._record(con, job_id, "query", result)
         return QueryResult(**result)
