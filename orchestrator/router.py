@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,6 +41,13 @@ from orchestrator.ports import (
 )
 from orchestrator.status import TaskStatus
 from orchestrator.storage_events import StorageObject
+
+if TYPE_CHECKING:
+    from orchestrator.edge import PubSubDelivery
+
+# A dead letter may find its attempt still QUEUED (every delivery failed before the
+# claim) or RUNNING (the worker died mid-attempt, its lease not yet swept).
+DEAD_LETTER_FROM = (TaskStatus.QUEUED, TaskStatus.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -102,12 +109,57 @@ class Router:
             return RouteResult("invalid", str(exc))
         return self.handle(msg, **context)
 
+    def deliver(self, delivery: PubSubDelivery) -> RouteResult:
+        """One Pub/Sub delivery, decoded at the edge: a dead letter is folded into the
+        task log, anything else is routed as a message."""
+        context = delivery.log_context()
+        count = delivery.dead_letter_count
+        if count is None:
+            return self.handle_payload(delivery.data, **context)
+        try:
+            msg = parse_message(delivery.data)
+        except InvalidInput as exc:
+            logs.warning(f"dead letter dropped: {exc}", outcome="invalid", **context)
+            return RouteResult("invalid", str(exc))
+        return self.dead_letter(msg, count, **context)
+
+    def dead_letter(self, msg: StartBatch | RunTask | UnknownMessage, delivery_count: int,
+                    **context: Any) -> RouteResult:
+        """Pub/Sub gave up on `msg`: its task, if still QUEUED or RUNNING under that
+        attempt, ends in ERROR now, so the batch finishes instead of waiting forever."""
+        labels = {**_labels(msg), **context}
+        if not isinstance(msg, RunTask):
+            logs.error(f"dead letter of a {msg.type} message after {delivery_count} "
+                       "delivery attempts; nothing to record", outcome="dead_letter", **labels)
+            return RouteResult("ignored", f"dead-lettered {msg.type}")
+        error = f"dead-lettered after {delivery_count} delivery attempts"
+        now = self.clock.now()
+
+        def record(s: Session) -> tuple[TaskRow, Outcome]:
+            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task)
+            return row, engine.fail(s, row, msg.attempt, error, now, retry_delay_s=None,
+                                    from_states=DEAD_LETTER_FROM)
+
+        try:
+            row, outcome = transaction(self.sessions, record)
+        except InvalidInput as exc:
+            logs.warning(f"dead letter dropped: {exc}", outcome="invalid", **labels)
+            return RouteResult("invalid", str(exc))
+        if not outcome.applied:
+            logs.info(f"dead letter ignored: task already moved on ({outcome.reason})",
+                      outcome="duplicate", delivery_count=delivery_count, **labels)
+            return RouteResult("duplicate", outcome.reason)
+        self._after(outcome, row)
+        logs.error(f"task failed: {error}", outcome="failed", delivery_count=delivery_count,
+                   **labels)
+        return RouteResult("failed", error, published=len(outcome.queued))
+
     def handle(self, msg: StartBatch | RunTask | UnknownMessage, **context: Any) -> RouteResult:
         try:
             if isinstance(msg, RunTask):
-                return self.run_task(msg)
+                return self.run_task(msg, **context)
             if isinstance(msg, StartBatch):
-                return self.start_batch(msg)
+                return self.start_batch(msg, **context)
             logs.warning(f"ignored message of unknown type {msg.type!r}", outcome="ignored",
                          **context)
             return RouteResult("ignored", f"unknown message type {msg.type!r}")
@@ -116,21 +168,22 @@ class Router:
                          **_labels(msg), **context)
             return RouteResult("invalid", str(exc))
 
-    def start_batch(self, msg: StartBatch) -> RouteResult:
+    def start_batch(self, msg: StartBatch, **context: Any) -> RouteResult:
+        labels = {**_labels(msg), **context}
         now = self.clock.now()
         deadline = now + timedelta(seconds=msg.deadline_s) if msg.deadline_s else None
         started = transaction(self.sessions, lambda s: engine.start_batch(
             s, msg.pipeline, msg.batch_id, msg.params, now, deadline_at=deadline))
         if not started.created:
-            logs.info("batch already exists", outcome="exists", **_labels(msg))
+            logs.info("batch already exists", outcome="exists", **labels)
             return RouteResult("exists")
         self.publish(started.queued)
         logs.info(f"batch started, {len(started.queued)} task(s) queued", outcome="started",
-                  **_labels(msg))
+                  **labels)
         return RouteResult("started", published=len(started.queued))
 
-    def run_task(self, msg: RunTask) -> RouteResult:
-        labels = _labels(msg)
+    def run_task(self, msg: RunTask, **context: Any) -> RouteResult:
+        labels = {**_labels(msg), **context}
         now = self.clock.now()
 
         def claim(s: Session) -> Claimed | None:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.db.migrate import upgrade
 from orchestrator.db.session import make_engine, make_sessionmaker
+from orchestrator.testing import reset_process_caches
 
 def _admin_url() -> str:
     # `make test` writes the server it found or started to .tmp/test-database-url.
@@ -73,6 +74,8 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def pg_engine(pg_url: str) -> Iterator[Engine]:
     engine = make_engine(pg_url, pool_size=40, max_overflow=10)
+    # Ids restart with the tables, so names cached for old ids must go too.
+    reset_process_caches()
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
     yield engine

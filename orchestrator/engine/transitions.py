@@ -54,13 +54,16 @@ def claim(session: Session, row: TaskRow, attempt: int, now: datetime) -> Claime
 
 def task_input(session: Session, row: TaskRow) -> dict[str, Any]:
     """The batch params, each parent's output by name, and what triggered the task."""
+    # Parent ids first, then their rows by key: a join from the edges lets the planner
+    # scan the whole batch's rows per claim (quadratic over a fan-in).
+    parent_ids = session.execute(
+        select(TaskDependency.parent_task_id).where(TaskDependency.child_task_id == row.task_id)
+    ).scalars().all()
     parents = session.execute(
         select(Task.name, TaskLog.output, TaskLog.status)
-        .select_from(TaskDependency)
-        .join(Task, Task.id == TaskDependency.parent_task_id)
-        .join(TaskLog, (TaskLog.task_id == Task.id) & (TaskLog.batch_pk == row.batch_pk))
-        .where(TaskDependency.child_task_id == row.task_id)
-    ).all()
+        .join(Task, Task.id == TaskLog.task_id)
+        .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(parent_ids))
+    ).all() if parent_ids else []
     return {
         "params": row.params,
         "parents": {name: output for name, output, _ in parents},
@@ -106,7 +109,10 @@ def fail(
         ).first()
         if got is None:
             return Outcome(applied=False, reason="not RUNNING under this attempt")
-        return _finish(session, row, attempt, S.ERROR, now, {"error": error})
+        # With several allowed states, the one read when the row was resolved is the best
+        # record of where it left from (the guard above made the move itself safe).
+        left = from_states[0] if len(from_states) == 1 else row.status
+        return _finish(session, row, attempt, S.ERROR, now, {"error": error}, left)
     if retry_delay_s <= 0:
         got = session.execute(
             _guarded(row, from_states, attempt)
@@ -156,11 +162,11 @@ def release_waiting_root(
 
 def _finish(
     session: Session, row: TaskRow, attempt: int, status: TaskStatus, now: datetime,
-    detail: dict[str, Any],
+    detail: dict[str, Any], from_status: TaskStatus = S.RUNNING,
 ) -> Outcome:
     """The tail of every terminal transition: children, events, and the outbox."""
     promo = check_and_trigger_children(session, row.batch_pk, {KIND_OF[status]: [row.task_id]}, now)
-    record(session, [event(row.batch_pk, row.task_id, attempt, S.RUNNING, status, now,
+    record(session, [event(row.batch_pk, row.task_id, attempt, from_status, status, now,
                            detail or None), *promo.events])
     queued = lookup.dispatches(session, row.pipeline, row.batch_id, promo.queued)
     return Outcome(applied=True, queued=queued, check_batch=not queued)

@@ -1,0 +1,1 @@
+"""Cloud Function entry points; see `functions.main`."""

@@ -1,0 +1,71 @@
+"""Cloud Function entry points (functions-framework).
+
+Each one decodes its event at the edge, makes one call into the orchestrator and
+returns (acknowledge) or raises (ask for redelivery). Only transient
+infrastructure failures raise (`InfrastructureError`: the database or Pub/Sub is
+unreachable); malformed input is logged and acknowledged, because redelivering
+it could never succeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import functions_framework
+
+from orchestrator import bootstrap, edge, logs
+from orchestrator.errors import InfrastructureError, InvalidInput, NotFound
+from orchestrator.settings import get_settings
+
+logs.configure(get_settings().log_format)
+
+
+@functions_framework.cloud_event
+def route(cloud_event: Any) -> None:
+    """A Pub/Sub message (tasks topic or dead letters): start a batch or run a task."""
+    try:
+        delivery = edge.pubsub_delivery(cloud_event)
+    except InvalidInput as exc:
+        logs.warning(f"rejected event: {exc}", outcome="invalid", **edge.describe(cloud_event))
+        return
+    bootstrap.router().deliver(delivery)
+
+
+@functions_framework.cloud_event
+def on_object_finalized(cloud_event: Any) -> None:
+    """A GCS object landed: release the task whose trigger it matches."""
+    try:
+        obj = edge.storage_object(cloud_event)
+    except InvalidInput as exc:
+        logs.warning(f"rejected event: {exc}", outcome="invalid", **edge.describe(cloud_event))
+        return
+    bootstrap.router().object_finalized(obj)
+
+
+@functions_framework.http
+def sweep(request: Any) -> tuple[dict[str, Any], int]:
+    """One maintenance pass (Cloud Scheduler, every minute)."""
+    report = bootstrap.router().sweep()
+    return dataclasses.asdict(report), 200
+
+
+@functions_framework.http
+def status(request: Any) -> tuple[dict[str, Any], int]:
+    """GET ?batch_id=…&pipeline=… -> the batch's status and every task's, as JSON."""
+    from orchestrator import queries
+    from orchestrator.db.session import session_scope
+
+    if request.method not in ("GET", "HEAD"):
+        return {"error": f"method {request.method} not allowed; use GET"}, 405
+    try:
+        batch_id, pipeline = edge.status_query(request.args)
+        with session_scope(bootstrap.runtime().sessions) as session:
+            return queries.batch_status(session, batch_id, pipeline), 200
+    except NotFound as exc:
+        return {"error": str(exc)}, 404
+    except InvalidInput as exc:
+        return {"error": str(exc)}, 400
+    except InfrastructureError as exc:
+        logs.error(f"status unavailable: {exc}")
+        return {"error": "metadata database unavailable, try again"}, 503
