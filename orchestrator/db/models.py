@@ -208,3 +208,42 @@ class TaskEvent(Base):
     to_status: Mapped[str] = mapped_column(String(20))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class ConcurrencyLock(Base):
+    """One row per concurrency key (`task:<pipeline>.<task>`, `batch:<id>`, `global`).
+
+    Claims under a limit lock this row first, which serializes them per key; the
+    guarded claim then counts RUNNING rows in a fresh statement, so two claims can
+    never both take the last slot. The slot count itself is derived from task_log,
+    never kept twice.
+    """
+
+    __tablename__ = "concurrency_locks"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
+class CircuitBreaker(Base):
+    """Consecutive failures of one handler or named dependency, and whether new
+    claims for it should wait instead of hammering a failing service."""
+
+    __tablename__ = "circuit_breakers"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[str] = mapped_column(String(10), default="closed")  # closed|open|half_open
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class EventCursor(Base):
+    """How far a relay has published task_events to the event stream (the outbox
+    cursor): a lost publish is retried from here, a slow subscriber lags behind it."""
+
+    __tablename__ = "event_cursors"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(BigId, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
