@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     warehouse: str = "local"  # "local" (DuckDB) or "bigquery"
     bq_dataset: str | None = None
     bq_location: str | None = None
+    # `table$YYYYMM` partition decorators; bqemulator has none (partitions emptied by DELETE).
+    bq_partition_decorators: bool = True
     object_store: str = "local"  # "local" (a folder of buckets) or "gcs"
     log_format: str = "text"  # "text" locally, "json" for Cloud Logging
 
@@ -42,7 +44,7 @@ class Settings(BaseSettings):
 
     def resolved_database_url(self) -> str:
         if self.database_url is None:
-            return f"sqlite:///{(self.home / 'metadata.db').as_posix()}"
+            return f"sqlite:///{(self.home / 'metadata.db').resolve().as_posix()}"
         url = self.database_url
         # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; this package ships psycopg2.
         if url.startswith("postgresql://") or url.startswith("postgres://"):

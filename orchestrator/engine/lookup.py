@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 from sqlalchemy import select, tuple_
@@ -14,13 +15,14 @@ from orchestrator.errors import NotFound
 
 # Task rows never change once written (a changed pipeline gets new rows), so their
 # names can be cached for the life of the process without invalidation.
-# Keyed by database, since a process (a test run, a benchmark) may use several.
-_names: dict[Any, dict[int, str]] = {}
+# Keyed by engine (weakly), since a process (a test run, a benchmark) may use several
+# databases, and a database emptied and refilled gets a new engine.
+_names: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
 _names_lock = threading.Lock()
 
 
-def db_cache(store: dict[Any, dict[Any, Any]], session: Session) -> dict[Any, Any]:
-    key = session.get_bind().url
+def db_cache(store: weakref.WeakKeyDictionary[Any, dict[Any, Any]], session: Session) -> dict[Any, Any]:
+    key = session.get_bind()
     cache = store.get(key)
     if cache is None:
         with _names_lock:

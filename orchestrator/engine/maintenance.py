@@ -7,7 +7,9 @@ publish the same QUEUED task twice in one grace period.
 
 from __future__ import annotations
 
+import weakref
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
@@ -20,7 +22,9 @@ from orchestrator.engine.types import Dispatch
 from orchestrator.status import OPEN, BatchStatus, TaskStatus
 
 S = TaskStatus
-_batch_names: dict[object, dict[int, tuple[str, str]]] = {}
+_batch_names: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def batch_names(session: Session, batch_pks: list[int]) -> dict[int, tuple[str, str]]:

@@ -1,0 +1,131 @@
+"""Sequential chains: total wall time with real work, and the hop latency of no-ops."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from bench.core import (
+    BenchRuntime,
+    Context,
+    Metric,
+    Skipped,
+    chain_parents,
+    percentile,
+    pipeline,
+    repeat,
+    skipped,
+    suffix,
+)
+
+CHAIN_WORKERS = 4
+
+
+def chain40(ctx: Context) -> list[Metric]:
+    z = ctx.sizes
+    out: list[Metric] = []
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("noop", {"handler": "noop", "config": {"seconds": z.chain_sleep_s}}),
+    ]
+    if importlib.util.find_spec("orchestrator.handlers.python") is not None:
+        variants.append(("python", {"handler": "python", "config": {
+            "callable": "bench.work:sleep", "kwargs": {"seconds": z.chain_sleep_s}}}))
+    work_s = z.chain_len * z.chain_sleep_s
+    for backend in ctx.backends:
+        sfx = suffix(backend)
+        try:
+            with ctx.scratch_url(backend, "chain40") as url, \
+                    BenchRuntime(url, CHAIN_WORKERS) as br:
+                for handler, fields in variants:
+                    name = f"chain_{handler}"
+                    br.rt.sync_specs([pipeline(name, chain_parents(z.chain_len),
+                                               lambda _t, f=fields: f)])
+                    # One unmeasured batch: first-use costs (handler import, statement
+                    # compilation caches) are cold start, not per-hop overhead.
+                    br.run_batch(name, "warmup", timeout=60)
+                    totals = repeat(lambda i, n=name: br.run_batch(n, f"r{i}", timeout=120),
+                                    z.repeats)
+                    params = {"backend": backend, "tasks": z.chain_len, "handler": handler,
+                              "task_sleep_s": z.chain_sleep_s, "workers": CHAIN_WORKERS}
+                    hname = "" if handler == "noop" else "_python"
+                    out.append(Metric(f"chain40{hname}_total_s{sfx}", "s", totals, params,
+                                      target="<= 0.45" if not sfx and not hname else None))
+                    out.append(Metric(
+                        f"chain40{hname}_hop_overhead_ms{sfx}", "ms",
+                        [(t - work_s) / z.chain_len * 1000 for t in totals], params))
+        except Skipped as exc:
+            out.append(skipped(f"chain40_total_s{sfx}", str(exc), "s"))
+    return out
+
+
+def noop_chain(ctx: Context) -> list[Metric]:
+    from sqlalchemy import text
+
+    z = ctx.sizes
+    out: list[Metric] = []
+    for backend in ctx.backends:
+        sfx = suffix(backend)
+        try:
+            with ctx.scratch_url(backend, "noopchain") as url, \
+                    BenchRuntime(url, CHAIN_WORKERS) as br:
+                br.rt.sync_specs([pipeline("noop_chain", chain_parents(z.noop_chain_len))])
+                br.run_batch("noop_chain", "warmup", timeout=60)
+                medians, p95s, per_task = [], [], []
+
+                def once(i: int, br: BenchRuntime = br, per_task: list[float] = per_task,
+                         medians: list[float] = medians, p95s: list[float] = p95s) -> None:
+                    bid = f"r{i}"
+                    total = br.run_batch("noop_chain", bid, timeout=120)
+                    per_task.append(total / z.noop_chain_len * 1000)
+                    with br.rt.db.connect() as c:
+                        hops = _hops(c, text, bid)
+                    medians.append(percentile(hops, 0.5))
+                    p95s.append(percentile(hops, 0.95))
+
+                repeat(once, z.repeats)
+                params = {"backend": backend, "tasks": z.noop_chain_len,
+                          "workers": CHAIN_WORKERS,
+                          "measured": "child QUEUED->RUNNING at minus parent RUNNING->SUCCESS at"}
+                out.append(Metric(f"hop_overhead_ms{sfx}", "ms", medians,
+                                  {**params, "statistic": "median hop per run"},
+                                  target="<= 2" if not sfx else None))
+                out.append(Metric(f"hop_latency_p95_ms{sfx}", "ms", p95s,
+                                  {**params, "statistic": "p95 hop per run"}))
+                out.append(Metric(f"noop_chain_per_task_ms{sfx}", "ms", per_task,
+                                  {**params, "measured": "batch wall time / tasks"}))
+        except Skipped as exc:
+            out.append(skipped(f"hop_overhead_ms{sfx}", str(exc), "ms"))
+    return out
+
+
+def _hops(conn: Any, text: Any, batch_id: str) -> list[float]:
+    """Per edge: the child's claim minus the parent's SUCCESS, from `task_events.at`."""
+    rows = conn.execute(text("""
+        SELECT e.task_id, e.to_status, e.at
+        FROM task_events e JOIN batches b ON b.id = e.batch_pk
+        WHERE b.batch_id = :b AND e.task_id IS NOT NULL
+          AND e.to_status IN ('SUCCESS', 'RUNNING')
+    """), {"b": batch_id}).all()
+    edges = conn.execute(text("""
+        SELECT d.parent_task_id, d.child_task_id
+        FROM task_dependencies d JOIN task_log l ON l.task_id = d.child_task_id
+        JOIN batches b ON b.id = l.batch_pk WHERE b.batch_id = :b
+    """), {"b": batch_id}).all()
+    success, claimed = {}, {}
+    for task_id, to_status, at in rows:
+        at = _as_dt(at)
+        (success if to_status == "SUCCESS" else claimed)[task_id] = at
+    hops = [(claimed[c] - success[p]).total_seconds() * 1000 for p, c in edges
+            if p in success and c in claimed]
+    if not hops:
+        raise RuntimeError(f"no hops found in task_events for batch {batch_id}")
+    return hops
+
+
+def _as_dt(value: Any) -> Any:
+    # SQLite returns the stored text through a raw text() query.
+    if isinstance(value, str):
+        from datetime import datetime
+
+        return datetime.fromisoformat(value)
+    return value

@@ -1,0 +1,616 @@
+"""The `orchestrator` command line.
+
+With no configuration it runs the embedded runtime: a SQLite file, the in-process
+bus, local buckets and a DuckDB warehouse under `.orchestrator/` (ORCHESTRATOR_HOME).
+DATABASE_URL switches the metadata store to Postgres; with ORCHESTRATOR_GCP_PROJECT
+set as well, commands that start work publish to Pub/Sub for the deployed functions
+instead of running it in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from orchestrator import logs, queries
+from orchestrator.cli import render
+from orchestrator.cli.ops import (
+    BucketWatcher,
+    batch_ids_between,
+    buckets_root,
+    drop,
+    fire,
+    parse_params,
+    sync,
+)
+from orchestrator.cli.wiring import (
+    EXIT_BATCH_FAILED,
+    EXIT_USAGE,
+    UsageProblem,
+    batch_pk,
+    busy_counts,
+    db_label,
+    handle_errors,
+    is_cloud,
+    read_session,
+    runtime,
+    settings,
+    settle,
+)
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+app = typer.Typer(
+    name="orchestrator",
+    help="Event-driven pipelines on Google Cloud, or on this machine with no setup.\n\n"
+         "Example: [bold]orchestrator pipelines sync examples/ && "
+         "orchestrator status[/bold]",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings=CONTEXT,
+    add_completion=False,
+)
+db_app = typer.Typer(help="The metadata database.\n\nExample: [bold]orchestrator db upgrade[/bold]",
+                     no_args_is_help=True, context_settings=CONTEXT)
+pipelines_app = typer.Typer(
+    help="Pipeline definitions.\n\nExample: [bold]orchestrator pipelines sync pipelines/[/bold]",
+    no_args_is_help=True, context_settings=CONTEXT)
+batch_app = typer.Typer(
+    help="Start, cancel, retry and backfill batches.\n\n"
+         "Example: [bold]orchestrator batch start monthly_profit 2024-03[/bold]",
+    no_args_is_help=True, context_settings=CONTEXT)
+app.add_typer(db_app, name="db")
+app.add_typer(pipelines_app, name="pipelines")
+app.add_typer(batch_app, name="batch")
+
+# Piped output gets wide lines rather than wrapped cells; a terminal uses its width.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+PipelineOpt = Annotated[str | None, typer.Option(
+    "--pipeline", "-p", help="The pipeline, when the batch id exists in several.")]
+TIMEOUT_HELP = "Give up waiting after this many seconds (embedded runtime only)."
+FINAL = {"SUCCESS", "FAILED", "CANCELLED"}
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Log every transition to stderr.")] = False) -> None:
+    logs.configure("text", logging.INFO if verbose else logging.ERROR)
+
+
+def _emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _exit_for(statuses: list[str]) -> None:
+    if any(s in ("FAILED", "CANCELLED") for s in statuses):
+        raise typer.Exit(EXIT_BATCH_FAILED)
+
+
+def _status_doc(batch_id: str, pipeline: str | None) -> dict[str, Any]:
+    with read_session() as s:
+        return queries.batch_status(s, batch_id, pipeline)
+
+
+def _print_status(rt: Any, batch_id: str, pipeline: str) -> dict[str, Any]:
+    with rt.sessions() as s:
+        doc = queries.batch_status(s, batch_id, pipeline)
+    out.print(render.batch_table(doc))
+    return doc
+
+
+# -- db -----------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+@handle_errors
+def db_upgrade() -> None:
+    """Create or migrate the metadata database to the newest schema.
+
+    Example: [bold]DATABASE_URL=postgresql://postgres@127.0.0.1/orchestrator orchestrator db upgrade[/bold]
+    """
+    from orchestrator.db import migrate
+    from orchestrator.db.session import make_engine
+
+    s = settings()
+    engine = make_engine(s.resolved_database_url(), pool_size=1, max_overflow=0)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    out.print(f"database {db_label(s)} is up to date")
+
+
+# -- pipelines ----------------------------------------------------------------------------
+
+
+@pipelines_app.command("sync")
+@handle_errors
+def pipelines_sync(
+    path: Annotated[Path | None, typer.Argument(
+        help="A pipeline YAML file or a folder of them (default: ORCHESTRATOR_PIPELINES_DIR, "
+             "`pipelines/`).")] = None,
+) -> None:
+    """Validate pipeline files and store them; a changed pipeline becomes a new version.
+
+    Nothing is written unless every file is valid.
+
+    Example: [bold]orchestrator pipelines sync examples/monthly_profit.yaml[/bold]
+    """
+    target = path or settings().pipelines_dir
+    if not target.exists():
+        raise FileNotFoundError(2, "no such file or folder", str(target))
+    with runtime(embedded_only=True) as rt:
+        results = sync(rt, target)
+    if not results:
+        raise UsageProblem(f"no *.yaml pipeline files in {target}")
+    for r in results:
+        what = f"synced (version {r.version})" if r.changed else f"unchanged (version {r.version})"
+        out.print(f"{r.name}: {what}")
+
+
+@pipelines_app.command("list")
+@handle_errors
+def pipelines_list(json_out: Annotated[bool, typer.Option("--json", help="Machine output.")] = False) -> None:
+    """List the synced pipelines.
+
+    Example: [bold]orchestrator pipelines list --json[/bold]
+    """
+    with read_session() as s:
+        rows = queries.list_pipelines(s)
+    if json_out:
+        _emit_json(rows)
+    elif not rows:
+        err.print("no pipelines yet: run `orchestrator pipelines sync PATH`")
+    else:
+        out.print(render.pipelines_table(rows))
+
+
+@pipelines_app.command("show")
+@handle_errors
+def pipelines_show(
+    name: Annotated[str, typer.Argument(help="The pipeline's name.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """Show a pipeline's tasks, dependencies, retry policy and triggers.
+
+    Example: [bold]orchestrator pipelines show monthly_profit[/bold]
+    """
+    with read_session() as s:
+        doc = queries.pipeline_definition(s, name)
+    if json_out:
+        _emit_json(doc)
+    else:
+        out.print(render.pipeline_table(doc))
+
+
+@pipelines_app.command("graph")
+@handle_errors
+def pipelines_graph(
+    name: Annotated[str, typer.Argument(help="The pipeline's name.")],
+    batch: Annotated[str | None, typer.Option(
+        "--batch", "-b", help="Color the tasks by this batch's statuses.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="mermaid or dot.")] = "mermaid",
+) -> None:
+    """Print the pipeline's DAG as Mermaid or Graphviz DOT.
+
+    Example: [bold]orchestrator pipelines graph monthly_profit --batch 2024-03 --format dot | dot -Tsvg > dag.svg[/bold]
+    """
+    from orchestrator.graph import FORMATS
+    from orchestrator.graph import render as render_graph
+
+    if fmt not in FORMATS:
+        raise UsageProblem(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    with read_session() as s:
+        if batch is not None:
+            doc = queries.batch_status(s, batch, name)
+            tasks = [t["task"] for t in doc["tasks"]]
+            edges = [(p, t["task"]) for t in doc["tasks"] for p in t["depends_on"]]
+            statuses = {t["task"]: t["status"] for t in doc["tasks"]}
+            title = f"{name} {batch}"
+        else:
+            definition = queries.pipeline_definition(s, name)
+            tasks = [t["task"] for t in definition["tasks"]]
+            edges = [(p, t["task"]) for t in definition["tasks"] for p in t["depends_on"]]
+            statuses, title = None, name
+    typer.echo(render_graph(fmt, tasks, edges, statuses, title), nl=False)
+
+
+# -- batch --------------------------------------------------------------------------------
+
+
+def _resolve_pipeline(batch_id: str, pipeline: str | None) -> str:
+    return str(_status_doc(batch_id, pipeline)["pipeline"])
+
+
+@batch_app.command("start")
+@handle_errors
+def batch_start(
+    pipeline: Annotated[str, typer.Argument(help="The pipeline to run.")],
+    batch_id: Annotated[str, typer.Argument(help="The batch id, e.g. 2024-03.")],
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="A batch parameter, key=value; repeatable.")] = None,
+    timeout: Annotated[float, typer.Option(help=TIMEOUT_HELP)] = 600.0,
+) -> None:
+    """Start a batch. Tasks with a file trigger wait for their file.
+
+    On the embedded runtime the command runs the tasks and returns when nothing is
+    left to do but wait for files; exit code 3 if the batch failed.
+
+    Example: [bold]orchestrator batch start monthly_profit 2024-03 --param region=north[/bold]
+    """
+    params = parse_params(param)
+    with runtime() as rt:
+        started = rt.start_batch(pipeline, batch_id, params)
+        if not started:
+            err.print(f"batch {pipeline}/{batch_id} already exists; "
+                      "`orchestrator batch retry` reruns its failed part")
+        if is_cloud(rt.settings):
+            out.print(f"published start of {pipeline}/{batch_id}; follow it with "
+                      f"`orchestrator status {batch_id} --watch`")
+            return
+        settle(rt, [batch_pk(rt, pipeline, batch_id)], timeout)
+        doc = _print_status(rt, batch_id, pipeline)
+    _exit_for([doc["status"]])
+
+
+@batch_app.command("cancel")
+@handle_errors
+def batch_cancel(
+    batch_id: Annotated[str, typer.Argument(help="The batch id.")],
+    pipeline: PipelineOpt = None,
+) -> None:
+    """Cancel every open task of a batch. A running task's late result is discarded.
+
+    Example: [bold]orchestrator batch cancel 2024-03 -p monthly_profit[/bold]
+    """
+    name = _resolve_pipeline(batch_id, pipeline)
+    with runtime() as rt:
+        n = rt.cancel(name, batch_id)
+    out.print(f"{name}/{batch_id}: cancelled {n} open task(s)")
+
+
+@batch_app.command("retry")
+@handle_errors
+def batch_retry(
+    batch_id: Annotated[str, typer.Argument(help="The batch id.")],
+    pipeline: PipelineOpt = None,
+    task: Annotated[list[str] | None, typer.Option(
+        "--task", "-t", help="Rerun this task and everything downstream; repeatable. "
+                             "Default: the failed, upstream-failed and cancelled tasks.")] = None,
+    timeout: Annotated[float, typer.Option(help=TIMEOUT_HELP)] = 600.0,
+) -> None:
+    """Rerun the failed part of a batch, or the named tasks and their downstream.
+
+    Exit code 3 if the batch fails again (embedded runtime).
+
+    Example: [bold]orchestrator batch retry 2024-03 --task load_sales[/bold]
+    """
+    name = _resolve_pipeline(batch_id, pipeline)
+    with runtime() as rt:
+        n = rt.retry(name, batch_id, task or None)
+        if n == 0 and not task:
+            err.print(f"{name}/{batch_id}: nothing failed, nothing to retry")
+        else:
+            err.print(f"{name}/{batch_id}: {n} task(s) queued again")
+        if is_cloud(rt.settings):
+            return
+        settle(rt, [batch_pk(rt, name, batch_id)], timeout)
+        doc = _print_status(rt, batch_id, name)
+    _exit_for([doc["status"]])
+
+
+@batch_app.command("backfill")
+@handle_errors
+def batch_backfill(
+    pipeline: Annotated[str, typer.Argument(help="The pipeline to run.")],
+    from_: Annotated[str | None, typer.Option(
+        "--from", help="First batch: YYYY-MM (one batch per month) or YYYY-MM-DD (per day).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Last batch, inclusive.")] = None,
+    ids: Annotated[str | None, typer.Option(
+        "--ids", help="Comma-separated batch ids instead of a date range.")] = None,
+    concurrency: Annotated[int, typer.Option(
+        "--concurrency", "-c", min=1, help="Batches in flight at once.")] = 4,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="A parameter for every batch, key=value; repeatable.")] = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
+) -> None:
+    """Start one batch per month or day of a range (or per listed id), a few at a time.
+
+    A batch that already exists is left alone. Batches whose tasks wait for files
+    count as done once nothing else is left to run. Exit code 3 if any batch failed.
+
+    Example: [bold]orchestrator batch backfill monthly_profit --from 2024-01 --to 2024-06 -c 2[/bold]
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if ids is not None and (from_ or to):
+        raise UsageProblem("give either --ids or --from/--to, not both")
+    if ids is not None:
+        batch_ids = [b.strip() for b in ids.split(",") if b.strip()]
+        if not batch_ids:
+            raise UsageProblem("--ids is empty")
+    elif from_ and to:
+        batch_ids = batch_ids_between(from_, to)
+    else:
+        raise UsageProblem("give a date range (--from and --to) or --ids")
+    params = parse_params(param)
+    results: dict[str, str] = {}
+    with runtime() as rt:
+        cloud = is_cloud(rt.settings)
+        todo = deque(batch_ids)
+        active: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        last_sweep = time.monotonic()
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=False) as bar:
+            job = bar.add_task(f"backfill {pipeline}", total=len(batch_ids))
+            while todo or active:
+                while todo and len(active) < concurrency:
+                    b = todo.popleft()
+                    existed = not rt.start_batch(pipeline, b, params)
+                    if existed:
+                        results[b] = "exists"
+                        bar.advance(job)
+                    else:
+                        active[batch_pk(rt, pipeline, b)] = b
+                if cloud:
+                    time.sleep(1.0)
+                elif rt.bus is not None:
+                    rt.bus.drain(timeout=0.1)
+                    if time.monotonic() - last_sweep > 0.25:
+                        rt.router.sweep()
+                        last_sweep = time.monotonic()
+                with rt.sessions() as s:
+                    busy = busy_counts(s, active)
+                for pk in [pk for pk in active if not busy.get(pk)]:
+                    results[active.pop(pk)] = "done"
+                    bar.advance(job)
+                if time.monotonic() > deadline:
+                    raise UsageProblem(f"backfill timed out after {timeout:g} s; "
+                                       "the started batches keep running")
+        statuses = []
+        with rt.sessions() as s:
+            rows = [queries.batch_status(s, b, pipeline) for b in batch_ids]
+    for doc in rows:
+        statuses.append(doc["status"])
+    table = render.recent_table([
+        {"pipeline": pipeline, "batch_id": d["batch_id"], "status": d["status"],
+         "created_at": d["created_at"], "duration_s": d["duration_s"], "counts": d["counts"]}
+        for d in rows])
+    out.print(table)
+    n_failed = sum(s in ("FAILED", "CANCELLED") for s in statuses)
+    err.print(f"{len(rows)} batch(es): {sum(s == 'SUCCESS' for s in statuses)} succeeded, "
+              f"{n_failed} failed, {sum(s == 'RUNNING' for s in statuses)} still open, "
+              f"{sum(v == 'exists' for v in results.values())} already existed")
+    _exit_for(statuses)
+
+
+# -- status, why, events ------------------------------------------------------------------
+
+
+@app.command("status")
+@handle_errors
+def status(
+    batch_id: Annotated[str | None, typer.Argument(
+        help="The batch id; without it, the recent batches are listed.")] = None,
+    pipeline: PipelineOpt = None,
+    watch: Annotated[bool, typer.Option(
+        "--watch", "-w", help="Refresh until the batch is finished; exit code 3 if it failed.")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the documented JSON shape (schema orchestrator.batch_status/v1).")] = False,
+    limit: Annotated[int, typer.Option(help="How many recent batches to list.")] = 20,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 1.0,
+) -> None:
+    """A batch's tasks (status, attempt, start, duration, error), or the recent batches.
+
+    Example: [bold]orchestrator status 2024-03 --watch[/bold]
+    """
+    if batch_id is None:
+        with read_session() as s:
+            rows = queries.recent_batches(s, limit=limit, pipeline=pipeline)
+        if json_out:
+            _emit_json({"schema": "orchestrator.recent_batches/v1", "batches": rows})
+        elif not rows:
+            err.print("no batches yet")
+        else:
+            out.print(render.recent_table(rows))
+        return
+    doc = _status_doc(batch_id, pipeline)
+    if watch and doc["status"] not in FINAL:
+        if json_out:
+            while doc["status"] not in FINAL:
+                time.sleep(interval)
+                doc = _status_doc(batch_id, pipeline)
+        else:
+            with Live(render.batch_table(doc), console=out, auto_refresh=False,
+                      transient=True) as live:
+                while doc["status"] not in FINAL:
+                    time.sleep(interval)
+                    doc = _status_doc(batch_id, pipeline)
+                    live.update(render.batch_table(doc), refresh=True)
+    if json_out:
+        _emit_json(doc)
+    else:
+        out.print(render.batch_table(doc))
+    if watch:
+        _exit_for([doc["status"]])
+
+
+@app.command("why")
+@handle_errors
+def why(
+    batch_id: Annotated[str, typer.Argument(help="The batch id.")],
+    task: Annotated[str, typer.Argument(help="The task.")],
+    pipeline: PipelineOpt = None,
+) -> None:
+    """In plain words, why a task has not run (or how it ended).
+
+    Example: [bold]orchestrator why 2024-03 calculate_profit[/bold]
+    """
+    from orchestrator.ports import SystemClock
+
+    with read_session() as s:
+        typer.echo(queries.why(s, batch_id, task, SystemClock().now(), pipeline))
+
+
+@app.command("events")
+@handle_errors
+def events(
+    batch_id: Annotated[str, typer.Argument(help="The batch id.")],
+    pipeline: PipelineOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """The batch's transition history, oldest first.
+
+    Example: [bold]orchestrator events 2024-03 --json[/bold]
+    """
+    with read_session() as s:
+        rows = queries.batch_events(s, batch_id, pipeline)
+    if json_out:
+        _emit_json(rows)
+    else:
+        out.print(render.events_table(rows))
+
+
+# -- maintenance and the local runtime ------------------------------------------------------
+
+
+@app.command("sweep")
+@handle_errors
+def sweep() -> None:
+    """One maintenance pass: requeue due retries, republish unclaimed tasks, expire
+    leases, cancel overdue batches and close finished ones.
+
+    Example: [bold]orchestrator sweep[/bold]
+    """
+    with runtime() as rt:
+        report = rt.router.sweep()
+        if rt.bus is not None:
+            rt.bus.drain(timeout=60)
+    out.print(f"requeued {report.requeued}, redispatched {report.redispatched}, "
+              f"expired {report.expired}, cancelled {report.cancelled_batches} batch(es), "
+              f"closed {report.closed_batches} batch(es)")
+    for e in report.errors:
+        err.print(f"warning: {e}")
+
+
+@app.command("drop")
+@handle_errors
+def drop_cmd(
+    file: Annotated[Path, typer.Argument(help="A local file.")],
+    uri: Annotated[str, typer.Argument(help="Where it lands: gs://bucket/path (a trailing / "
+                                            "keeps the file's name).")],
+    timeout: Annotated[float, typer.Option(help=TIMEOUT_HELP)] = 600.0,
+) -> None:
+    """Copy a file into a local bucket and fire its finalize event, as GCS would.
+
+    Runs what the file triggers, then prints the status of the batches it touched.
+
+    Example: [bold]orchestrator drop sales.parquet gs://landing/sales/2024-03/_SUCCESS[/bold]
+    """
+    if is_cloud(settings()):
+        raise UsageProblem("`drop` writes to the embedded runtime's local buckets; "
+                           "on Google Cloud copy the file with `gcloud storage cp`")
+    if not uri.startswith("gs://"):
+        raise UsageProblem(f"{uri!r} is not a gs:// URI")
+    with runtime(embedded_only=True) as rt:
+        dropped = drop(rt, file, uri)
+        if not dropped.batches:
+            err.print(f"{dropped.uri}: stored; no pipeline trigger matches it")
+            return
+        pks = [batch_pk(rt, p, b) for p, b in dropped.batches]
+        err.print(f"{dropped.uri}: {dropped.outcome}")
+        settle(rt, pks, timeout)
+        for p, b in dropped.batches:
+            _print_status(rt, b, p)
+
+
+@app.command("dev")
+@handle_errors
+def dev(
+    pipelines: Annotated[Path | None, typer.Option(
+        "--pipelines", help="Sync these pipeline files first (default: `pipelines/` if it exists).")] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between scans of the bucket folders.")] = 0.5,
+    sweep_every: Annotated[float, typer.Option(help="Seconds between sweeps.")] = 1.0,
+    stop_after: Annotated[float | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Run the embedded runtime in the foreground until Ctrl-C.
+
+    It watches the local bucket folders (ORCHESTRATOR_HOME/buckets/<bucket>/…) for
+    new files, fires their finalize events, and runs the sweeper.
+
+    Example: [bold]orchestrator dev --pipelines examples/[/bold], then in another shell
+    [bold]cp _SUCCESS .orchestrator/buckets/landing/sales/2024-03/[/bold]
+    """
+    s = settings()
+    if is_cloud(s):
+        raise UsageProblem("`dev` runs the embedded runtime; unset ORCHESTRATOR_GCP_PROJECT")
+    with runtime(embedded_only=True) as rt:
+        source = pipelines or (s.pipelines_dir if s.pipelines_dir.exists() else None)
+        if source is not None:
+            if not source.exists():
+                raise FileNotFoundError(2, "no such file or folder", str(source))
+            for r in sync(rt, source):
+                out.print(f"pipeline {r.name}: version {r.version}"
+                          f"{' (updated)' if r.changed else ''}")
+
+        def finished(f: Any) -> None:
+            out.print(f"batch {f.pipeline}/{f.batch_id} finished: ", end="")
+            out.print(render.status_text(str(f.status)), end="")
+            out.print(f" in {f.duration_s:.1f} s")
+
+        rt.on_batch_finished(finished)
+        root = buckets_root(rt)
+        root.mkdir(parents=True, exist_ok=True)
+        watcher = BucketWatcher(root)
+        rt.start_sweeper(sweep_every)
+        out.print(f"watching {root} for new files; database {db_label(s)}; Ctrl-C to stop")
+        started = time.monotonic()
+        try:
+            while stop_after is None or time.monotonic() - started < stop_after:
+                for bucket, name in watcher.poll():
+                    dropped = fire(rt, bucket, name)
+                    where = ", ".join(f"{p}/{b}" for p, b in dropped.batches) or "no trigger"
+                    out.print(f"{dropped.uri} → {where}: {dropped.outcome}")
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            out.print("stopping")
+        if rt.bus is not None:
+            rt.bus.drain(timeout=10)
+
+
+def main() -> None:
+    """Entry point: usage errors become one line too, never a traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        # typer may bundle its own copy of click: match its exceptions by shape.
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already printed
+            sys.exit(EXIT_USAGE)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        if type(exc).__name__ == "Abort":
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Operations on a runtime that several commands (and the demo) share: dropping a
+file into a local bucket, watching the bucket folders, and date-range batch ids."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from orchestrator.cli.wiring import UsageProblem
+from orchestrator.db.models import Pipeline, Task
+from orchestrator.pipeline.spec import GcsTrigger
+from orchestrator.storage_events import StorageObject
+
+
+@dataclass(frozen=True)
+class Dropped:
+    uri: str
+    outcome: str  # the router's: queued, duplicate, ignored, invalid
+    batches: list[tuple[str, str]]  # (pipeline, batch_id) whose trigger matched
+
+
+def sync(rt: Any, path: Path) -> list[Any]:
+    """Validate and store pipeline files, with SQL files inlined into the task configs
+    (so a worker never needs the pipeline folder)."""
+    from orchestrator.pipeline.checks import prepare_spec
+    from orchestrator.pipeline.spec import load_pipelines
+
+    return list(rt.sync_specs([prepare_spec(spec) for spec in load_pipelines(path)]))
+
+
+def buckets_root(rt: Any) -> Path:
+    return Path(rt.settings.home) / "buckets"
+
+
+def local_object(rt: Any, bucket: str, name: str) -> StorageObject:
+    """The finalize event GCS would send for a local file."""
+    path = buckets_root(rt) / bucket / name
+    st = path.stat()
+    return StorageObject(bucket=bucket, name=name, generation=str(st.st_mtime_ns),
+                         size=st.st_size)
+
+
+def matching_batches(rt: Any, bucket: str, name: str) -> list[tuple[str, str]]:
+    """(pipeline, batch_id) of every current trigger that this object fires."""
+    with rt.sessions() as s:
+        rows = s.execute(
+            select(Pipeline.name, Task.gcs_bucket, Task.gcs_pattern)
+            .join(Pipeline, (Pipeline.id == Task.pipeline_id) & (Pipeline.version == Task.version))
+            .where(Task.gcs_bucket == bucket)
+        ).all()
+    found = []
+    for pipeline, b, pattern in rows:
+        batch_id = GcsTrigger(bucket=b, pattern=pattern).match(bucket, name)
+        if batch_id is not None and (pipeline, batch_id) not in found:
+            found.append((pipeline, batch_id))
+    return found
+
+
+def fire(rt: Any, bucket: str, name: str) -> Dropped:
+    obj = local_object(rt, bucket, name)
+    result = rt.router.object_finalized(obj)
+    return Dropped(obj.uri, result.outcome, matching_batches(rt, bucket, name))
+
+
+def drop(rt: Any, source: Path, uri: str) -> Dropped:
+    """Copy `source` to gs://bucket/name in the local buckets, then fire the finalize event."""
+    from orchestrator.adapters.local.object_store import LocalObjectStore, split_uri
+
+    if not source.is_file():
+        raise FileNotFoundError(2, "no such file", str(source))
+    if uri.endswith("/"):
+        uri += source.name
+    bucket, name = split_uri(uri)
+    if not name:
+        raise UsageProblem(f"{uri!r} names a bucket, not an object: add the object path")
+    target = LocalObjectStore(buckets_root(rt)).path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Copy then rename, as GCS finalizes an object only once it is whole.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fire(rt, bucket, name)
+
+
+class BucketWatcher:
+    """Polls `<root>/<bucket>/…` for new or changed files (by mtime and size).
+
+    Files present when the watcher starts are remembered, not fired; temporary
+    files of an in-progress copy are skipped until they are renamed into place.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._seen: dict[Path, tuple[int, int]] = dict(self._scan())
+
+    def _scan(self) -> list[tuple[Path, tuple[int, int]]]:
+        out: list[tuple[Path, tuple[int, int]]] = []
+        if not self.root.is_dir():
+            return out
+        for dirpath, _dirs, files in os.walk(self.root):
+            for f in files:
+                if f.startswith(".tmp-") or f.startswith("."):
+                    continue
+                p = Path(dirpath) / f
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                out.append((p, (st.st_mtime_ns, st.st_size)))
+        return out
+
+    def poll(self) -> list[tuple[str, str]]:
+        """(bucket, object name) of every file new or changed since the last poll."""
+        changed = []
+        for path, sig in self._scan():
+            if self._seen.get(path) != sig:
+                self._seen[path] = sig
+                rel = path.relative_to(self.root).parts
+                if len(rel) >= 2:
+                    changed.append((rel[0], "/".join(rel[1:])))
+        return sorted(changed)
+
+
+# -- batch ids from a date range ----------------------------------------------------------
+
+_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+_DAY = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+MAX_BATCHES = 10_000
+
+
+def _parse(value: str, what: str) -> tuple[str, date]:
+    try:
+        if m := _MONTH.match(value):
+            return "month", date(int(m[1]), int(m[2]), 1)
+        if m := _DAY.match(value):
+            return "day", date(int(m[1]), int(m[2]), int(m[3]))
+    except ValueError:
+        pass
+    raise UsageProblem(f"malformed {what} date {value!r}: use YYYY-MM (months) or YYYY-MM-DD (days)")
+
+
+def batch_ids_between(start: str, end: str) -> list[str]:
+    """`2024-01`..`2024-06` → six month ids; `2024-01-30`..`2024-02-02` → four day ids."""
+    kind, first = _parse(start, "--from")
+    kind_end, last = _parse(end, "--to")
+    if kind != kind_end:
+        raise UsageProblem(f"--from {start} and --to {end} must both be months or both be days")
+    if last < first:
+        raise UsageProblem(f"--to {end} is before --from {start}")
+    ids = []
+    d = first
+    while d <= last:
+        if kind == "month":
+            ids.append(f"{d.year:04d}-{d.month:02d}")
+            d = (d.replace(day=28) + timedelta(days=4)).replace(day=1)
+        else:
+            ids.append(d.isoformat())
+            d += timedelta(days=1)
+        if len(ids) > MAX_BATCHES:
+            raise UsageProblem(f"the range {start}..{end} has more than {MAX_BATCHES} batches")
+    return ids
+
+
+def parse_params(items: list[str] | None) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageProblem(f"malformed --param {item!r}: use key=value")
+        params[key.strip()] = value
+    return params

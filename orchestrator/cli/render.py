@@ -1,0 +1,150 @@
+"""Rich tables for the CLI: a batch's status, recent batches, events, pipelines."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+STYLE = {
+    "PENDING": "dim",
+    "QUEUED": "blue",
+    "RUNNING": "yellow",
+    "RETRYING": "dark_orange",
+    "SUCCESS": "green",
+    "ERROR": "bold red",
+    "UPSTREAM_FAILED": "red",
+    "SKIPPED": "dim",
+    "CANCELLED": "magenta",
+    "FAILED": "bold red",
+}
+
+
+def status_text(status: str | None) -> Text:
+    return Text(status or "", style=STYLE.get(status or "", ""))
+
+
+def clock_time(iso: str | None) -> str:
+    if not iso:
+        return ""
+    return datetime.fromisoformat(iso).strftime("%H:%M:%S")
+
+
+def date_time(iso: str | None) -> str:
+    if not iso:
+        return ""
+    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return ""
+    if value < 60:
+        return f"{value:.1f} s"
+    if value < 3600:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def first_line(text: str | None, limit: int = 120) -> str:
+    if not text or not text.strip():
+        return ""
+    line = text.strip().splitlines()[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def counts_text(counts: dict[str, int]) -> Text:
+    out = Text()
+    for i, (status, n) in enumerate(counts.items()):
+        if i:
+            out.append("  ")
+        out.append(f"{n} ", style="bold")
+        out.append(status, style=STYLE.get(status, ""))
+    return out
+
+
+def batch_header(doc: dict[str, Any]) -> Text:
+    head = Text()
+    head.append(f"{doc['pipeline']} ", style="bold")
+    head.append(f"{doc['batch_id']}  ", style="bold cyan")
+    head.append_text(status_text(doc["status"]))
+    n = len(doc["tasks"])
+    head.append(f"  ·  {n} task{'s' if n != 1 else ''}: ")
+    head.append_text(counts_text(doc["counts"]))
+    if doc.get("duration_s") is not None:
+        head.append(f"  ·  {seconds(doc['duration_s'])}")
+    return head
+
+
+def batch_table(doc: dict[str, Any]) -> Group:
+    table = Table(show_edge=False, header_style="bold", pad_edge=False)
+    table.add_column("task")
+    table.add_column("status")
+    table.add_column("attempt", justify="right")
+    table.add_column("started (UTC)")
+    table.add_column("duration", justify="right")
+    table.add_column("error", overflow="fold")
+    for t in doc["tasks"]:
+        started = t["started_at"] is not None
+        error = first_line(t["error"])
+        if not error and t["waiting_for_file"]:
+            error = Text("waiting for its file", style="dim")  # type: ignore[assignment]
+        table.add_row(
+            t["task"], status_text(t["status"]),
+            f"{t['attempt']}/{t['max_attempts']}" if started else "",
+            clock_time(t["started_at"]), seconds(t["duration_s"]), error,
+        )
+    return Group(batch_header(doc), table)
+
+
+def recent_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(show_edge=False, header_style="bold", pad_edge=False)
+    for col in ("pipeline", "batch", "status", "created (UTC)", "duration", "tasks"):
+        table.add_column(col, justify="right" if col == "duration" else "left")
+    for r in rows:
+        table.add_row(r["pipeline"], r["batch_id"], status_text(r["status"]),
+                      date_time(r["created_at"]), seconds(r["duration_s"]),
+                      counts_text(r["counts"]))
+    return table
+
+
+def events_table(events: list[dict[str, Any]]) -> Table:
+    table = Table(show_edge=False, header_style="bold", pad_edge=False)
+    for col in ("at (UTC)", "task", "attempt", "from", "to", "detail"):
+        table.add_column(col, overflow="fold" if col == "detail" else "ellipsis")
+    for e in events:
+        detail = e["detail"] or {}
+        text = "; ".join(f"{k}={first_line(str(v), 70)}" for k, v in detail.items())
+        table.add_row(clock_time(e["at"]), e["task"] or "(batch)",
+                      str(e["attempt"] or ""), status_text(e["from"]), status_text(e["to"]),
+                      text)
+    return table
+
+
+def pipelines_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(show_edge=False, header_style="bold", pad_edge=False)
+    for col in ("pipeline", "version", "tasks", "updated (UTC)", "description"):
+        table.add_column(col, overflow="fold" if col == "description" else "ellipsis")
+    for r in rows:
+        table.add_row(r["pipeline"], str(r["version"]), str(r["tasks"]),
+                      date_time(r["updated_at"]), r["description"])
+    return table
+
+
+def pipeline_table(doc: dict[str, Any]) -> Group:
+    head = Text()
+    head.append(f"{doc['pipeline']}", style="bold")
+    head.append(f"  version {doc['version']}")
+    if doc["description"]:
+        head.append(f"  ·  {doc['description']}")
+    table = Table(show_edge=False, header_style="bold", pad_edge=False)
+    for col in ("task", "handler", "depends on", "trigger rule", "attempts", "timeout",
+                "file trigger"):
+        table.add_column(col, overflow="fold")
+    for t in doc["tasks"]:
+        table.add_row(t["task"], t["handler"], ", ".join(t["depends_on"]), t["trigger_rule"],
+                      str(t["max_attempts"]), seconds(t["timeout_s"]), t["gcs_trigger"] or "")
+    return Group(head, table)

@@ -1,0 +1,200 @@
+"""What the commands share: settings, the runtime, error reporting, and waiting for work.
+
+Exit codes a script can rely on:
+  0  done
+  1  an error: unknown pipeline, batch or task; invalid pipeline; database unreachable
+  2  a usage error: a bad option, argument, `--param`, or date range
+  3  the batch (or one of the batches) the command waited for ended FAILED or CANCELLED
+  130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+import typer
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from orchestrator.errors import InfrastructureError, OrchestratorError, PipelineValidationError
+from orchestrator.settings import Settings
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_BATCH_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+BUSY = ("QUEUED", "RUNNING", "RETRYING")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class UsageProblem(Exception):
+    """A malformed argument found by a command itself (exit code 2)."""
+
+
+def settings() -> Settings:
+    # Fresh on every command: tests and scripts change the environment between calls.
+    # An absolute home keeps the database's identity stable if the process changes
+    # folder (caches are keyed by the database URL).
+    s = Settings()
+    return s.model_copy(update={"home": s.home.resolve()})
+
+
+def is_cloud(s: Settings) -> bool:
+    """Publish to Pub/Sub (the deployed functions do the work) instead of running locally."""
+    return bool(s.gcp_project) and s.database_url is not None
+
+
+def db_label(s: Settings) -> str:
+    try:
+        return make_url(s.resolved_database_url()).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(an invalid DATABASE_URL)"
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _db_message(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    return first
+
+
+def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn every expected failure into one `error: …` line on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except UsageProblem as exc:
+            fail(_one_line(str(exc)), EXIT_USAGE)
+        except PipelineValidationError as exc:
+            fail(f"{exc.source}: " + "; ".join(exc.problems))
+        except InfrastructureError as exc:
+            fail(f"{_one_line(str(exc))} (database: {db_label(settings())})")
+        except OrchestratorError as exc:
+            fail(_one_line(str(exc)))
+        except (DBAPIError, NoSuchModuleError, ArgumentError) as exc:
+            fail(f"cannot use the database {db_label(settings())}: {_db_message(exc)}")
+        except SQLAlchemyError as exc:
+            fail(f"database error: {_one_line(_db_message(exc))}")
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as exc:
+            fail(_one_line(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)))
+        except Exception as exc:  # never a traceback; ORCHESTRATOR_DEBUG=1 shows it
+            if os.environ.get("ORCHESTRATOR_DEBUG"):
+                raise
+            fail(f"unexpected {type(exc).__name__}: {_one_line(str(exc))} "
+                 "(set ORCHESTRATOR_DEBUG=1 for the traceback)")
+
+    return wrapper
+
+
+# -- the database and the runtime -------------------------------------------------------
+
+
+@contextmanager
+def read_session() -> Iterator[Session]:
+    """A session for read-only commands: no migration, no bus."""
+    from orchestrator.db.session import make_engine, make_sessionmaker
+
+    s = settings()
+    url = s.resolved_database_url()
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        raise OrchestratorError(
+            f"no metadata database at {parsed.database}: run `orchestrator pipelines sync` "
+            "or `orchestrator dev` first (or set DATABASE_URL)"
+        )
+    engine = make_engine(url, pool_size=1, max_overflow=0, pool_timeout=s.db_pool_timeout_s)
+    try:
+        with make_sessionmaker(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def runtime(*, embedded_only: bool = False) -> Iterator[Any]:
+    """The embedded runtime (bus started, database migrated), or the cloud wiring when
+    ORCHESTRATOR_GCP_PROJECT and DATABASE_URL are set."""
+    from orchestrator.runtime import Runtime
+
+    s = settings()
+    rt = Runtime.cloud(s) if is_cloud(s) and not embedded_only else Runtime.embedded(s)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+def busy_counts(session: Session, batch_pks: Iterable[int]) -> dict[int, int]:
+    """Rows still being worked on (queued, running or retrying), per batch."""
+    from orchestrator.db.models import TaskLog
+
+    pks = list(batch_pks)
+    if not pks:
+        return {}
+    rows = session.execute(
+        select(TaskLog.batch_pk, func.count())
+        .where(TaskLog.batch_pk.in_(pks), TaskLog.status.in_(BUSY))
+        .group_by(TaskLog.batch_pk)
+    ).all()
+    return {pk: n for pk, n in rows}
+
+
+def batch_pk(rt: Any, pipeline: str, batch_id: str) -> int:
+    from orchestrator.engine import find_batch
+
+    with rt.sessions() as s:
+        return int(find_batch(s, pipeline, batch_id).id)
+
+
+def settle(rt: Any, batch_pks: Iterable[int], timeout_s: float) -> bool:
+    """Run the embedded bus (and the sweeper, for retries and lost messages) until none
+    of the batches has a task queued, running or retrying. Tasks waiting for a file
+    or a parent that waits for one do not count. False on timeout."""
+    pks = set(batch_pks)
+    deadline = time.monotonic() + timeout_s
+    last_sweep = time.monotonic()
+    while True:
+        if rt.bus is not None:
+            rt.bus.drain(timeout=0.2)
+        with rt.sessions() as s:
+            busy = busy_counts(s, pks)
+        if rt.bus is None or (not busy and rt.bus.idle()):
+            return not busy
+        if time.monotonic() >= deadline:
+            return False
+        if time.monotonic() - last_sweep >= 0.25:
+            rt.router.sweep()
+            last_sweep = time.monotonic()
+        else:
+            time.sleep(0.01)
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,424 @@
+"""Read-only queries over the task log: what the CLI, the `status` function and SQL users see.
+
+Every function takes a session and never writes. Times are ISO 8601 strings in UTC.
+
+`batch_status` returns a stable, versioned shape (`schema` names the version; a
+field is only ever added within a version, never renamed or removed)::
+
+    {
+      "schema": "orchestrator.batch_status/v1",
+      "pipeline": "monthly_profit",
+      "batch_id": "2024-03",
+      "status": "RUNNING" | "SUCCESS" | "FAILED" | "CANCELLED",
+      "params": {...},
+      "created_at": "2024-04-01T00:00:00+00:00",
+      "finished_at": null | "...",
+      "duration_s": null | 12.5,
+      "counts": {"SUCCESS": 2, "PENDING": 1},      # only the statuses present
+      "tasks": [                                   # in topological order
+        {"task": "load_sales", "status": "SUCCESS",
+         "attempt": 1,            # the attempt running, or the next one to run
+         "max_attempts": 3,       # the last attempt allowed (counts manual retries)
+         "trigger_rule": "all_success", "depends_on": [],
+         "waiting_for_file": false,
+         "queued_at": "...", "started_at": "...", "finished_at": "...",
+         "duration_s": 0.8, "next_attempt_at": null,
+         "error": null, "output": {...}},
+        ...
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskEvent, TaskLog
+from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.status import TaskStatus
+
+SCHEMA = "orchestrator.batch_status/v1"
+
+S = TaskStatus
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+def _value(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+def _find_batch(session: Session, batch_id: str, pipeline: str | None) -> tuple[Batch, str]:
+    stmt = (
+        select(Batch, Pipeline.name)
+        .join(Pipeline, Pipeline.id == Batch.pipeline_id)
+        .where(Batch.batch_id == batch_id)
+    )
+    if pipeline is not None:
+        stmt = stmt.where(Pipeline.name == pipeline)
+    rows = session.execute(stmt.order_by(Pipeline.name)).all()
+    if not rows:
+        if pipeline is not None:
+            known = session.execute(
+                select(Pipeline.id).where(Pipeline.name == pipeline)
+            ).first()
+            if known is None:
+                raise NotFound(f"unknown pipeline {pipeline!r}")
+            raise NotFound(f"no batch {batch_id!r} of pipeline {pipeline!r}")
+        raise NotFound(f"no batch {batch_id!r}")
+    if len(rows) > 1:
+        names = ", ".join(r[1] for r in rows)
+        raise InvalidInput(
+            f"batch {batch_id!r} exists in several pipelines ({names}); name one with --pipeline"
+        )
+    return rows[0][0], rows[0][1]
+
+
+def _task_rows(session: Session, batch: Batch) -> list[Any]:
+    # One query, driven by the (batch_pk, task_id) unique index on task_log.
+    return list(session.execute(
+        select(
+            Task.id, Task.name, Task.max_attempts, Task.gcs_bucket, Task.gcs_pattern,
+            TaskLog.status, TaskLog.attempt, TaskLog.retry_base, TaskLog.trigger_rule,
+            TaskLog.waiting_for_file, TaskLog.queued_at, TaskLog.dispatched_at,
+            TaskLog.started_at, TaskLog.finished_at, TaskLog.next_attempt_at,
+            TaskLog.lease_expires_at, TaskLog.error, TaskLog.output,
+        )
+        .join(Task, Task.id == TaskLog.task_id)
+        .where(TaskLog.batch_pk == batch.id)
+    ).all())
+
+
+def _parents(session: Session, batch: Batch) -> dict[int, list[int]]:
+    child = Task.__table__.alias("child")
+    rows = session.execute(
+        select(TaskDependency.child_task_id, TaskDependency.parent_task_id)
+        .join(child, child.c.id == TaskDependency.child_task_id)
+        .where(child.c.pipeline_id == batch.pipeline_id,
+               child.c.version == batch.pipeline_version)
+    ).all()
+    parents: dict[int, list[int]] = {}
+    for c, p in rows:
+        parents.setdefault(c, []).append(p)
+    return parents
+
+
+def _topological(ids: Iterable[int], parents: dict[int, list[int]]) -> list[int]:
+    """Kahn's algorithm; ties broken by task id, i.e. the order of the definition."""
+    ids = list(ids)
+    known = set(ids)
+    indegree = {t: 0 for t in ids}
+    children: dict[int, list[int]] = {}
+    for c, ps in parents.items():
+        if c not in known:
+            continue
+        for p in ps:
+            if p in known:
+                indegree[c] += 1
+                children.setdefault(p, []).append(c)
+    ready = [t for t, n in indegree.items() if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        t = heapq.heappop(ready)
+        order.append(t)
+        for c in children.get(t, ()):
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                heapq.heappush(ready, c)
+    if len(order) < len(ids):  # a cycle cannot be synced, but never lose rows
+        seen = set(order)
+        order.extend(sorted(t for t in ids if t not in seen))
+    return order
+
+
+def _max_attempts(row: Any) -> int:
+    return int(row.retry_base or 0) + int(row.max_attempts)
+
+
+def batch_status(session: Session, batch_id: str, pipeline: str | None = None) -> dict[str, Any]:
+    """The whole batch as JSON-ready data (see the module docstring for the shape)."""
+    batch, pipeline_name = _find_batch(session, batch_id, pipeline)
+    rows = {r.id: r for r in _task_rows(session, batch)}
+    parents = _parents(session, batch)
+    names = {t: r.name for t, r in rows.items()}
+    counts: dict[str, int] = {}
+    tasks = []
+    for tid in _topological(rows, parents):
+        r = rows[tid]
+        status = _value(r.status)
+        counts[status] = counts.get(status, 0) + 1
+        tasks.append({
+            "task": r.name,
+            "status": status,
+            "attempt": r.attempt,
+            "max_attempts": _max_attempts(r),
+            "trigger_rule": _value(r.trigger_rule),
+            "depends_on": sorted(names[p] for p in parents.get(tid, []) if p in names),
+            "waiting_for_file": bool(r.waiting_for_file),
+            "queued_at": _iso(r.queued_at),
+            "started_at": _iso(r.started_at),
+            "finished_at": _iso(r.finished_at),
+            "duration_s": _seconds(r.started_at, r.finished_at),
+            "next_attempt_at": _iso(r.next_attempt_at),
+            "error": r.error,
+            "output": r.output,
+        })
+    return {
+        "schema": SCHEMA,
+        "pipeline": pipeline_name,
+        "batch_id": batch.batch_id,
+        "status": _value(batch.status),
+        "params": batch.params or {},
+        "created_at": _iso(batch.created_at),
+        "finished_at": _iso(batch.finished_at),
+        "duration_s": _seconds(batch.created_at, batch.finished_at),
+        "counts": {k.value: counts[k] for k in S if k in counts},
+        "tasks": tasks,
+    }
+
+
+def recent_batches(session: Session, limit: int = 20, pipeline: str | None = None) -> list[dict[str, Any]]:
+    """The newest batches first, each with its task counts by status."""
+    stmt = select(Batch, Pipeline.name).join(Pipeline, Pipeline.id == Batch.pipeline_id)
+    if pipeline is not None:
+        stmt = stmt.where(Pipeline.name == pipeline)
+    rows = session.execute(stmt.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)).all()
+    counts: dict[int, dict[str, int]] = {}
+    if rows:
+        for pk, status, n in session.execute(
+            select(TaskLog.batch_pk, TaskLog.status, func.count())
+            .where(TaskLog.batch_pk.in_([b.id for b, _ in rows]))
+            .group_by(TaskLog.batch_pk, TaskLog.status)
+        ):
+            counts.setdefault(pk, {})[_value(status)] = n
+    out = []
+    for b, name in rows:
+        c = counts.get(b.id, {})
+        out.append({
+            "pipeline": name,
+            "batch_id": b.batch_id,
+            "status": _value(b.status),
+            "params": b.params or {},
+            "created_at": _iso(b.created_at),
+            "finished_at": _iso(b.finished_at),
+            "duration_s": _seconds(b.created_at, b.finished_at),
+            "counts": {k.value: c[k] for k in S if k in c},
+        })
+    return out
+
+
+def batch_events(session: Session, batch_id: str, pipeline: str | None = None) -> list[dict[str, Any]]:
+    """The batch's transition history, oldest first (task is None for batch-level events)."""
+    batch, _ = _find_batch(session, batch_id, pipeline)
+    rows = session.execute(
+        select(TaskEvent, Task.name)
+        .outerjoin(Task, Task.id == TaskEvent.task_id)
+        .where(TaskEvent.batch_pk == batch.id)
+        .order_by(TaskEvent.id)
+    ).all()
+    return [
+        {
+            "id": e.id,
+            "at": _iso(e.at),
+            "task": name,
+            "attempt": e.attempt,
+            "from": e.from_status,
+            "to": e.to_status,
+            "detail": e.detail,
+        }
+        for e, name in rows
+    ]
+
+
+# -- why ------------------------------------------------------------------------------
+
+
+def _hm(value: datetime | None) -> str:
+    return value.strftime("%H:%M:%S") if value is not None else "?"
+
+
+def _ago(now: datetime, then: datetime | None) -> str:
+    if then is None:
+        return "an unknown time"
+    s = max(0.0, (now - then).total_seconds())
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _and(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _first_line(text: str | None, limit: int = 200) -> str:
+    line = (text or "no error recorded").strip().splitlines()[0] if (text or "").strip() else "no error recorded"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _attempt(r: Any) -> str:
+    return f"attempt {r.attempt}/{_max_attempts(r)}"
+
+
+def _root_failures(tid: int, rows: dict[int, Any], parents: dict[int, list[int]]) -> list[int]:
+    """The ERROR (or CANCELLED) ancestors that an UPSTREAM_FAILED task inherits from."""
+    found: list[int] = []
+    seen: set[int] = set()
+    stack = [p for p in parents.get(tid, [])]
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in rows:
+            continue
+        seen.add(t)
+        st = _value(rows[t].status)
+        if st in (S.ERROR, S.CANCELLED):
+            found.append(t)
+        elif st == S.UPSTREAM_FAILED:
+            stack.extend(parents.get(t, []))
+    return sorted(found)
+
+
+def why(session: Session, batch_id: str, task: str, now: datetime,
+        pipeline: str | None = None) -> str:
+    """In plain words, why `task` of the batch has (or has not) run."""
+    batch, pipeline_name = _find_batch(session, batch_id, pipeline)
+    rows = {r.id: r for r in _task_rows(session, batch)}
+    by_name = {r.name: t for t, r in rows.items()}
+    if task not in by_name:
+        raise NotFound(f"no task {task!r} in batch {batch_id!r} of pipeline {pipeline_name!r}")
+    tid = by_name[task]
+    r = rows[tid]
+    parents = _parents(session, batch)
+    status = _value(r.status)
+    head = f"{task}: "
+
+    if status == S.SUCCESS:
+        took = _seconds(r.started_at, r.finished_at)
+        extra = f" in {took:.1f} s" if took is not None else ""
+        return head + f"succeeded at {_hm(r.finished_at)} on attempt {r.attempt}{extra}."
+    if status == S.CANCELLED:
+        return head + f"cancelled at {_hm(r.finished_at)}; `batch retry` runs it again."
+    if status == S.ERROR:
+        return head + (f"failed on {_attempt(r)} at {_hm(r.finished_at)} with: "
+                       f"{_first_line(r.error)}")
+    if status == S.UPSTREAM_FAILED:
+        roots = _root_failures(tid, rows, parents)
+        if not roots:
+            return head + "will not run: an upstream task failed."
+        parts = []
+        for p in roots:
+            pr = rows[p]
+            if _value(pr.status) == S.CANCELLED:
+                parts.append(f"upstream {pr.name} was cancelled")
+            else:
+                parts.append(f"upstream {pr.name} failed with: {_first_line(pr.error)}")
+        return head + "will not run: " + "; ".join(parts) + "."
+    if status == S.SKIPPED:
+        rule = _value(r.trigger_rule)
+        return head + f"skipped: its trigger rule {rule} did not fire."
+    if status == S.RUNNING:
+        lease = f", lease until {_hm(r.lease_expires_at)}" if r.lease_expires_at else ""
+        return head + (f"running since {_hm(r.started_at)} ({_ago(now, r.started_at)}), "
+                       f"{_attempt(r)}{lease}.")
+    if status == S.RETRYING:
+        return head + (f"retrying at {_hm(r.next_attempt_at)} ({_attempt(r)}) after error: "
+                       f"{_first_line(r.error)}")
+    if status == S.QUEUED:
+        since = r.dispatched_at or r.queued_at
+        return head + (f"queued but not claimed for {_ago(now, since)} "
+                       f"(queued at {_hm(r.queued_at)}, {_attempt(r)}).")
+    # PENDING
+    if r.waiting_for_file:
+        uri = f"gs://{r.gcs_bucket}/{(r.gcs_pattern or '').replace('{batch_id}', batch.batch_id)}"
+        return head + f"waiting for its file {uri}"
+    waiting = [p for p in sorted(parents.get(tid, [])) if p in rows
+               and _value(rows[p].status) not in (S.SUCCESS, S.ERROR, S.UPSTREAM_FAILED,
+                                                  S.SKIPPED, S.CANCELLED)]
+    if not waiting:
+        return head + "pending; its parents are done, so the sweeper will move it on."
+    details = []
+    for p in waiting:
+        pr = rows[p]
+        st = _value(pr.status)
+        if st == S.RUNNING:
+            details.append(f"{pr.name} RUNNING since {_hm(pr.started_at)}, {_attempt(pr)}")
+        elif st == S.RETRYING:
+            details.append(f"{pr.name} RETRYING at {_hm(pr.next_attempt_at)}, {_attempt(pr)}")
+        elif st == S.QUEUED:
+            details.append(f"{pr.name} QUEUED since {_hm(pr.queued_at)}")
+        elif pr.waiting_for_file:
+            uri = f"gs://{pr.gcs_bucket}/{(pr.gcs_pattern or '').replace('{batch_id}', batch.batch_id)}"
+            details.append(f"{pr.name} waiting for its file {uri}")
+        else:
+            details.append(f"{pr.name} PENDING")
+    word = "parent" if len(waiting) == 1 else "parents"
+    return head + (f"waiting on {word} {_and([rows[p].name for p in waiting])} "
+                   f"({'; '.join(details)}).")
+
+
+# -- pipelines ------------------------------------------------------------------------
+
+
+def list_pipelines(session: Session) -> list[dict[str, Any]]:
+    """Every synced pipeline with its current version and task count."""
+    n_tasks = (
+        select(func.count()).select_from(Task)
+        .where(Task.pipeline_id == Pipeline.id, Task.version == Pipeline.version)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(Pipeline.name, Pipeline.version, Pipeline.description, Pipeline.updated_at,
+               n_tasks).order_by(Pipeline.name)
+    ).all()
+    return [{"pipeline": r[0], "version": r[1], "description": r[2] or "",
+             "updated_at": _iso(r[3]), "tasks": r[4]} for r in rows]
+
+
+def pipeline_definition(session: Session, name: str) -> dict[str, Any]:
+    """The current version of one pipeline: its tasks in topological order."""
+    pipe = session.execute(select(Pipeline).where(Pipeline.name == name)).scalar_one_or_none()
+    if pipe is None:
+        raise NotFound(f"unknown pipeline {name!r} (run `orchestrator pipelines sync` first)")
+    tasks = {t.id: t for t in session.execute(
+        select(Task).where(Task.pipeline_id == pipe.id, Task.version == pipe.version)
+    ).scalars()}
+    parents: dict[int, list[int]] = {}
+    for c, p in session.execute(
+        select(TaskDependency.child_task_id, TaskDependency.parent_task_id)
+        .where(TaskDependency.child_task_id.in_(list(tasks)))
+    ):
+        parents.setdefault(c, []).append(p)
+    out = []
+    for tid in _topological(tasks, parents):
+        t = tasks[tid]
+        out.append({
+            "task": t.name,
+            "handler": t.handler,
+            "depends_on": sorted(tasks[p].name for p in parents.get(tid, [])),
+            "trigger_rule": _value(t.trigger_rule),
+            "max_attempts": t.max_attempts,
+            "timeout_s": t.timeout_s,
+            "gcs_trigger": (f"gs://{t.gcs_bucket}/{t.gcs_pattern}" if t.gcs_bucket else None),
+            "config": t.config or {},
+        })
+    return {"pipeline": pipe.name, "version": pipe.version,
+            "description": pipe.description or "", "updated_at": _iso(pipe.updated_at),
+            "tasks": out}
