@@ -22,6 +22,7 @@ from orchestrator.db.session import transaction
 from orchestrator.engine import claim, resolve_task, start_batch, succeed
 from orchestrator.engine.types import Outcome, TaskRow
 from orchestrator.status import TaskStatus
+from orchestrator.testing import reset_process_caches
 from tests.dags import fan_in, spec_from_edges, sync
 from tests.naive import naive_succeed
 
@@ -29,6 +30,13 @@ pytestmark = pytest.mark.postgres
 
 S = TaskStatus
 SucceedFn = Callable[[Session, TaskRow, int, dict[str, Any] | None, datetime], Outcome]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_name_caches() -> None:
+    # The database is emptied between tests with RESTART IDENTITY, so ids come back
+    # with other names: forget the process's cached names.
+    reset_process_caches()
 
 
 @dataclass(frozen=True)

@@ -129,9 +129,21 @@ def check_and_trigger_children(
 def _decrement_children(
     session: Session, batch_pk: int, kind: str, parents: list[int], now: datetime
 ) -> Iterable[tuple[int, int, str]]:
-    children = select(TaskDependency.child_task_id).where(
-        TaskDependency.parent_task_id.in_(parents)
-    )
+    # The child rows are found by key, in two indexed reads, and updated by primary
+    # key. A join or subquery from task_log to the edges lets the planner pick the
+    # partial "open rows" indexes instead (fresh batch rows have no statistics),
+    # which scans every open row of the batch per finished parent: quadratic work
+    # for a fan-in.
+    children = session.execute(
+        select(TaskDependency.child_task_id)
+        .where(TaskDependency.parent_task_id.in_(parents))
+        .distinct()
+    ).scalars().all()
+    if not children:
+        return []
+    child_rows = session.execute(
+        select(TaskLog.id).where(TaskLog.batch_pk == batch_pk, TaskLog.task_id.in_(children))
+    ).scalars().all()
     if len(parents) == 1:
         n: ColumnElement[Any] = literal(1)
     else:
@@ -157,8 +169,7 @@ def _decrement_children(
     stmt = (
         update(TaskLog)
         .where(
-            TaskLog.batch_pk == batch_pk,
-            TaskLog.task_id.in_(children),
+            TaskLog.id.in_(child_rows),
             # Only a waiting child listens: once promoted or failed, later parents
             # finishing change nothing, and a duplicate can never re-promote it.
             TaskLog.status == S.PENDING,
