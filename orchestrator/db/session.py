@@ -44,7 +44,11 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
-        pool_pre_ping=True,
+        # No ping per checkout: it is a round trip on every transaction. A connection
+        # the server dropped instead fails its first statement, and `transaction()`
+        # runs the unit again on a fresh one. Recycling keeps them from going stale.
+        pool_pre_ping=False,
+        pool_recycle=1800,
         connect_args={"connect_timeout": 5, "application_name": "orchestrator"},
     )
 
@@ -91,6 +95,10 @@ def transaction(sessions: sessionmaker[Session], work: Callable[[Session], T]) -
         except DBAPIError as exc:
             if _is_retryable(exc) and attempt < _MAX_TX_ATTEMPTS:
                 time.sleep(0.002 * attempt)
+                continue
+            if exc.connection_invalidated and attempt == 1:
+                # A pooled connection the server had closed: the pool has dropped
+                # it; the first try changed nothing, so run the unit once more.
                 continue
             if _is_unreachable(exc) and not _is_retryable(exc):
                 raise InfrastructureError(f"database unavailable: {exc.orig}") from exc
