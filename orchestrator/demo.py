@@ -173,10 +173,10 @@ def run(home: Path) -> int:
             say(queries.why(s, BAD_MONTH, "calculate_profit", rt.clock.now(), PIPELINE))
 
         step("4. Recovery: drop the corrected file, then retry the failed part")
-        (bad / "expenses").rename(home / "rejected-expenses")
-        write_monthly_files(bad, BAD_MONTH, seed=2, sales=2000, expenses=300, files_per_table=1,
+        fixed = home / "incoming-fixed"
+        write_monthly_files(fixed, BAD_MONTH, seed=2, sales=2000, expenses=300, files_per_table=1,
                             marker=False)
-        drop_month(rt, bad, BAD_MONTH, kinds=("expenses",), markers=False)
+        drop_month(rt, fixed, BAD_MONTH, kinds=("expenses",), markers=False)
         command(f"orchestrator batch retry {BAD_MONTH}")
         n = rt.retry(PIPELINE, BAD_MONTH)
         say(f"{PIPELINE}/{BAD_MONTH}: {n} task(s) queued again")
