@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator import engine, handlers, logs
+from orchestrator import breaker, engine, failpoints, handlers, logs
 from orchestrator.db.models import Pipeline, Task, TaskLog
 from orchestrator.db.session import transaction
 from orchestrator.engine import maintenance
@@ -53,7 +53,7 @@ DEAD_LETTER_FROM = (TaskStatus.QUEUED, TaskStatus.RUNNING)
 @dataclass(frozen=True)
 class RouteResult:
     """What became of one delivery. `outcome` is one of: started, exists, succeeded,
-    failed, retrying, duplicate, stale, queued, ignored, invalid."""
+    failed, retrying, deferred, duplicate, stale, queued, ignored, invalid."""
 
     outcome: str
     detail: str = ""
@@ -185,6 +185,10 @@ class Router:
     def run_task(self, msg: RunTask, **context: Any) -> RouteResult:
         labels = {**_labels(msg), **context}
         now = self.clock.now()
+        policy = self._breaker_gate(msg, now)
+        if isinstance(policy, RouteResult):
+            logs.warning(f"not claimed: {policy.detail}", outcome="deferred", **labels)
+            return policy
 
         def claim(s: Session) -> Claimed | None:
             row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task)
@@ -195,21 +199,30 @@ class Router:
             logs.info("duplicate or stale delivery: task is not QUEUED under this attempt",
                       outcome="duplicate", **labels)
             return RouteResult("duplicate")
+        failpoints.hit("after_claim")
         row = claimed.row
         started = time.perf_counter()
         try:
             output = self._run_handler(claimed)
         except PermanentError as exc:
+            self._breaker_record(policy, ok=False)
             return self._fail(row, msg.attempt, f"{type(exc).__name__}: {exc}", None, labels)
         except Exception as exc:  # an unknown failure goes through the retry policy
+            self._breaker_record(policy, ok=False)
             logs.emit(logging.WARNING, f"attempt failed: {type(exc).__name__}: {exc}",
                       outcome="failed", **labels)
             return self._fail(row, msg.attempt, f"{type(exc).__name__}: {exc}",
                               row.retry_delay(msg.attempt), labels)
         elapsed_ms = (time.perf_counter() - started) * 1000
+        self._breaker_record(policy, ok=True)
         done = self.clock.now()
-        outcome = transaction(self.sessions,
-                              lambda s: engine.succeed(s, row, msg.attempt, output, done))
+
+        def commit_success(s: Session) -> Outcome:
+            outcome = engine.succeed(s, row, msg.attempt, output, done)
+            failpoints.hit("before_success_commit")
+            return outcome
+
+        outcome = transaction(self.sessions, commit_success)
         if not outcome.applied:
             logs.warning(f"result discarded: {outcome.reason}", outcome="stale", **labels)
             return RouteResult("stale", outcome.reason)
@@ -267,6 +280,7 @@ class Router:
             s, now, self.redispatch_after_s))
         self.publish(stale)
         report.redispatched = len(stale)
+        failpoints.hit("mid_sweep")
         report.expired = self._expire_leases(now, report)
         for pipeline, batch_id in transaction(self.sessions,
                                               lambda s: maintenance.overdue_batches(s, now)):
@@ -303,6 +317,7 @@ class Router:
     def publish(self, dispatches: Sequence[Dispatch]) -> None:
         if not dispatches:
             return
+        failpoints.hit("before_publish")
         try:
             self.publisher.publish([dispatch_message(d) for d in dispatches])
         except InfrastructureError:
@@ -324,6 +339,7 @@ class Router:
             object_store_factory=self.object_store_factory, clock=self.clock,
             active=lambda: self._still_running(row.log_id, claimed.attempt),
         )
+        failpoints.hit("in_handler")
         output = fn(ctx)
         if output is None:
             return None
@@ -333,6 +349,37 @@ class Router:
             return json.loads(json.dumps(output, default=str))
         except (TypeError, ValueError) as exc:
             raise PermanentError(f"handler output is not JSON-serialisable: {exc}") from exc
+
+    def _breaker_gate(self, msg: RunTask, now: Any) -> breaker.Policy | RouteResult | None:
+        """The task's circuit breaker (None: it has none), or a `deferred` result when
+        the breaker is open and the task was moved to RETRYING instead of claimed."""
+
+        def gate(s: Session) -> breaker.Policy | RouteResult | None:
+            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task)
+            policy = breaker.policy_for(row.handler, row.config)
+            # A duplicate or stale delivery is the claim's to reject, not the breaker's.
+            if (policy is None or row.status != TaskStatus.QUEUED
+                    or row.attempt != msg.attempt):
+                return policy
+            delay = breaker.gate(s, policy, now)
+            if delay is None:
+                return policy
+            reason = f"circuit breaker {policy.key!r} is open; next try in {delay:g}s"
+            outcome = engine.transitions.defer(s, row, msg.attempt, delay, reason, now)
+            return RouteResult("deferred", reason) if outcome.applied else policy
+
+        return transaction(self.sessions, gate)
+
+    def _breaker_record(self, policy: breaker.Policy | RouteResult | None, *, ok: bool) -> None:
+        if not isinstance(policy, breaker.Policy):
+            return
+        now = self.clock.now()
+        if ok:
+            transaction(self.sessions, lambda s: breaker.record_success(s, policy, now))
+            return
+        state = transaction(self.sessions, lambda s: breaker.record_failure(s, policy, now))
+        if state == breaker.OPEN:
+            logs.warning(f"circuit breaker {policy.key!r} is open", breaker=policy.key)
 
     def _still_running(self, log_id: int, attempt: int) -> bool:
         with self.sessions() as s:

@@ -53,7 +53,8 @@ def make_warehouse(settings: Settings) -> Warehouse:
         from orchestrator.adapters.gcp.bigquery import BigQueryWarehouse
 
         return BigQueryWarehouse(project=settings.gcp_project, default_dataset=settings.bq_dataset,
-                                 location=settings.bq_location)
+                                 location=settings.bq_location,
+                                 partition_decorators=settings.bq_partition_decorators)
     from orchestrator.adapters.local.warehouse import DuckDBWarehouse
 
     return DuckDBWarehouse(settings.home / "warehouse.duckdb",

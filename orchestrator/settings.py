@@ -40,6 +40,8 @@ class Settings(BaseSettings):
 
     # Sweeper: a QUEUED task nobody claimed within this grace is published again.
     redispatch_after_s: float = 60.0
+    # Cap on RUNNING attempts of a task that sets no `concurrency` (None: unlimited).
+    default_concurrency: int | None = Field(default=None, ge=1)
     workers: int = 4
 
     def resolved_database_url(self) -> str:

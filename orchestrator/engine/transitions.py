@@ -170,3 +170,28 @@ def _finish(
                            detail or None), *promo.events])
     queued = lookup.dispatches(session, row.pipeline, row.batch_id, promo.queued)
     return Outcome(applied=True, queued=queued, check_batch=not queued)
+
+
+DEFER_FROM = (S.QUEUED,)
+
+
+def defer(session: Session, row: TaskRow, attempt: int, delay_s: float, reason: str,
+          now: datetime) -> Outcome:
+    """QUEUED -> RETRYING without running (e.g. its circuit breaker is open).
+
+    The requeue after `delay_s` moves the attempt number on, which fences off the
+    deferred delivery; `retry_base` moves with it, so waiting never spends a retry.
+    """
+    due = now + timedelta(seconds=delay_s)
+    got = session.execute(
+        _guarded(row, DEFER_FROM, attempt)
+        .values(status=S.RETRYING, retry_base=TaskLog.retry_base + 1, next_attempt_at=due,
+                error=reason[:8000], updated_at=now)
+        .returning(TaskLog.id)
+    ).first()
+    if got is None:
+        return Outcome(applied=False, reason="not QUEUED under this attempt")
+    record(session, [event(row.batch_pk, row.task_id, attempt, S.QUEUED, S.RETRYING, now,
+                           {"deferred": reason, "next_attempt_at": due.isoformat(),
+                            "delay_s": delay_s})])
+    return Outcome(applied=True)

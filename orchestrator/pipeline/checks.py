@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib
 
-from orchestrator import handlers
+from orchestrator import breaker, handlers
 from orchestrator.pipeline.spec import PipelineSpec
 
 
 def handler_config_problems(spec: PipelineSpec) -> list[str]:
     problems: list[str] = []
     for task in spec.tasks:
+        problems.extend(f"task {task.name!r}: {p}" for p in breaker.check_config(task.config))
         target = handlers.BUILTIN.get(task.handler)
         if target is None:
             continue
@@ -25,7 +26,9 @@ def handler_config_problems(spec: PipelineSpec) -> list[str]:
         check = getattr(module, "check_config", None)
         if check is None:
             continue
-        problems.extend(f"task {task.name!r}: {p}" for p in check(task.config, spec.base_dir))
+        # The breaker is the router's setting, not the handler's: keep it out of its check.
+        own = {k: v for k, v in task.config.items() if k != breaker.CONFIG_KEY}
+        problems.extend(f"task {task.name!r}: {p}" for p in check(own, spec.base_dir))
     return problems
 
 
