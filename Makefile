@@ -52,3 +52,8 @@ terraform-check: install $(CHECKOV_VENV)/.installed
 .PHONY: emulators-venv
 emulators-venv:
 	bash scripts/emulators-venv.sh all
+
+# The production path on one machine: Postgres, Pub/Sub, GCS and BigQuery emulators.
+.PHONY: e2e
+e2e: install postgres
+	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/pytest -q -m emulator
