@@ -30,6 +30,16 @@ def route(cloud_event: Any) -> None:
         logs.warning(f"rejected event: {exc}", outcome="invalid", **edge.describe(cloud_event))
         return
     bootstrap.router().deliver(delivery)
+    _relay_events(skip_if_busy=True)
+
+
+def _relay_events(*, skip_if_busy: bool) -> None:
+    # Best effort: the events are in the task log already, and the sweeper's pass
+    # publishes whatever this one could not, so a failure here must not redeliver.
+    try:
+        bootstrap.runtime().relay_events(skip_if_busy=skip_if_busy)
+    except Exception as exc:
+        logs.warning(f"event relay failed; the next pass retries: {exc}")
 
 
 @functions_framework.cloud_event
@@ -41,12 +51,14 @@ def on_object_finalized(cloud_event: Any) -> None:
         logs.warning(f"rejected event: {exc}", outcome="invalid", **edge.describe(cloud_event))
         return
     bootstrap.router().object_finalized(obj)
+    _relay_events(skip_if_busy=True)
 
 
 @functions_framework.http
 def sweep(request: Any) -> tuple[dict[str, Any], int]:
     """One maintenance pass (Cloud Scheduler, every minute)."""
     report = bootstrap.router().sweep()
+    _relay_events(skip_if_busy=False)
     return dataclasses.asdict(report), 200
 
 

@@ -2,6 +2,7 @@
 
 `{"type": "start_batch", "pipeline": "monthly_profit", "batch_id": "2024-03", "params": {}}`
 `{"type": "run_task", "pipeline": "…", "batch_id": "…", "task": "…", "attempt": 1}`
+(plus `"map_index": 3` for the instance of a mapped task)
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class RunTask(_Message):
     batch_id: BatchId
     task: Name
     attempt: int = Field(ge=1, le=10_000)
+    # The instance of a mapped task; -1 (the default) for the task's own row.
+    map_index: int = Field(default=-1, ge=-1, le=1_000_000)
 
 
 class UnknownMessage(_Message):

@@ -7,7 +7,7 @@ embedded runtime, and `orchestrator.testing` holds fakes for tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
@@ -100,7 +100,9 @@ class Warehouse(Protocol):
     """Write modes: `append`, `truncate` (the whole table), `truncate_partition`
     (only `partition`, atomically with the new rows) and `empty` (refuse a
     non-empty table). A `job_id` that was already used re-attaches to that job
-    and returns its result instead of writing again."""
+    and returns its result instead of writing again. `is_active` (the handler's
+    `ctx.is_active`) is polled while a job runs: once it turns false the job is
+    cancelled (or rolled back) and the call raises."""
 
     def load_parquet(
         self,
@@ -112,6 +114,7 @@ class Warehouse(Protocol):
         schema: Sequence[Column] | None = None,
         allow_field_addition: bool = False,
         job_id: str,
+        is_active: Callable[[], bool] | None = None,
     ) -> LoadResult: ...
 
     def run_query(
@@ -123,6 +126,7 @@ class Warehouse(Protocol):
         write: str = "truncate",
         partition: Partition | None = None,
         job_id: str,
+        is_active: Callable[[], bool] | None = None,
     ) -> QueryResult: ...
 
     def job_state(self, job_id: str) -> str: ...

@@ -23,7 +23,8 @@ field is only ever added within a version, never renamed or removed)::
          "waiting_for_file": false,
          "queued_at": "...", "started_at": "...", "finished_at": "...",
          "duration_s": 0.8, "next_attempt_at": null,
-         "error": null, "output": {...}},
+         "error": null, "output": {...},
+         "instances": null | {"total": 500, "counts": {"SUCCESS": 500}}},  # mapped tasks
         ...
       ]
     }
@@ -89,18 +90,30 @@ def _find_batch(session: Session, batch_id: str, pipeline: str | None) -> tuple[
 
 
 def _task_rows(session: Session, batch: Batch) -> list[Any]:
-    # One query, driven by the (batch_pk, task_id) unique index on task_log.
+    # One query, driven by the (batch_pk, task_id, map_index) unique index on task_log;
+    # a mapped task's instances are summarised by `_instance_counts`, not listed.
     return list(session.execute(
         select(
             Task.id, Task.name, Task.max_attempts, Task.gcs_bucket, Task.gcs_pattern,
             TaskLog.status, TaskLog.attempt, TaskLog.retry_base, TaskLog.trigger_rule,
             TaskLog.waiting_for_file, TaskLog.queued_at, TaskLog.dispatched_at,
             TaskLog.started_at, TaskLog.finished_at, TaskLog.next_attempt_at,
-            TaskLog.lease_expires_at, TaskLog.error, TaskLog.output,
+            TaskLog.lease_expires_at, TaskLog.error, TaskLog.output, Task.map_over,
         )
         .join(Task, Task.id == TaskLog.task_id)
-        .where(TaskLog.batch_pk == batch.id)
+        .where(TaskLog.batch_pk == batch.id, TaskLog.map_index == -1)
     ).all())
+
+
+def _instance_counts(session: Session, batch: Batch) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = {}
+    for task_id, status, n in session.execute(
+        select(TaskLog.task_id, TaskLog.status, func.count())
+        .where(TaskLog.batch_pk == batch.id, TaskLog.map_index >= 0)
+        .group_by(TaskLog.task_id, TaskLog.status)
+    ):
+        counts.setdefault(task_id, {})[_value(status)] = n
+    return counts
 
 
 def _parents(session: Session, batch: Batch) -> dict[int, list[int]]:
@@ -155,6 +168,9 @@ def batch_status(session: Session, batch_id: str, pipeline: str | None = None) -
     batch, pipeline_name = _find_batch(session, batch_id, pipeline)
     rows = {r.id: r for r in _task_rows(session, batch)}
     parents = _parents(session, batch)
+    # Only a batch with mapped tasks pays for their instances' summary.
+    instances = (_instance_counts(session, batch)
+                 if any(r.map_over for r in rows.values()) else {})
     names = {t: r.name for t, r in rows.items()}
     counts: dict[str, int] = {}
     tasks = []
@@ -177,6 +193,10 @@ def batch_status(session: Session, batch_id: str, pipeline: str | None = None) -
             "next_attempt_at": _iso(r.next_attempt_at),
             "error": r.error,
             "output": r.output,
+            "instances": ({"total": sum(instances[tid].values()),
+                           "counts": {k.value: instances[tid][k] for k in S
+                                      if k in instances[tid]}}
+                          if tid in instances else None),
         })
     return {
         "schema": SCHEMA,
@@ -202,7 +222,7 @@ def recent_batches(session: Session, limit: int = 20, pipeline: str | None = Non
     if rows:
         for pk, status, n in session.execute(
             select(TaskLog.batch_pk, TaskLog.status, func.count())
-            .where(TaskLog.batch_pk.in_([b.id for b, _ in rows]))
+            .where(TaskLog.batch_pk.in_([b.id for b, _ in rows]), TaskLog.map_index == -1)
             .group_by(TaskLog.batch_pk, TaskLog.status)
         ):
             counts.setdefault(pk, {})[_value(status)] = n
@@ -235,7 +255,7 @@ def batch_events(session: Session, batch_id: str, pipeline: str | None = None) -
         {
             "id": e.id,
             "at": _iso(e.at),
-            "task": name,
+            "task": _instance_name(name, e.detail),
             "attempt": e.attempt,
             "from": e.from_status,
             "to": e.to_status,
@@ -243,6 +263,11 @@ def batch_events(session: Session, batch_id: str, pipeline: str | None = None) -
         }
         for e, name in rows
     ]
+
+
+def _instance_name(task: str | None, detail: dict[str, Any] | None) -> str | None:
+    index = (detail or {}).get("map_index")
+    return f"{task}[{index}]" if task is not None and isinstance(index, int) else task
 
 
 # -- why ------------------------------------------------------------------------------

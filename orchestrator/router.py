@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator import breaker, engine, failpoints, handlers, logs
+from orchestrator import breaker, concurrency, engine, failpoints, handlers, logs, mapping
 from orchestrator.db.models import Pipeline, Task, TaskLog
 from orchestrator.db.session import transaction
 from orchestrator.engine import maintenance
@@ -53,7 +53,8 @@ DEAD_LETTER_FROM = (TaskStatus.QUEUED, TaskStatus.RUNNING)
 @dataclass(frozen=True)
 class RouteResult:
     """What became of one delivery. `outcome` is one of: started, exists, succeeded,
-    failed, retrying, deferred, duplicate, stale, queued, ignored, invalid."""
+    failed, retrying, deferred, waiting (no free concurrency slot), expanded (a mapped
+    task queued its instances), duplicate, stale, queued, ignored, invalid."""
 
     outcome: str
     detail: str = ""
@@ -71,11 +72,11 @@ class SweepReport:
 
 
 def dispatch_message(d: Dispatch) -> OutboundMessage:
-    return OutboundMessage(
-        data=d.message(),
-        attributes={"type": "run_task", "pipeline": d.pipeline, "batch_id": d.batch_id,
-                    "task": d.task, "attempt": str(d.attempt)},
-    )
+    attributes = {"type": "run_task", "pipeline": d.pipeline, "batch_id": d.batch_id,
+                  "task": d.task, "attempt": str(d.attempt)}
+    if d.map_index >= 0:
+        attributes["map_index"] = str(d.map_index)
+    return OutboundMessage(data=d.message(), attributes=attributes)
 
 
 class Router:
@@ -89,8 +90,11 @@ class Router:
         object_store_factory: Callable[[], ObjectStore] | None = None,
         redispatch_after_s: float = 60.0,
         on_batch_finished: Callable[[BatchFinished], None] | None = None,
+        default_concurrency: int | None = None,
     ):
         self.sessions = sessions
+        # The cap on RUNNING attempts of a task that sets none (None: unlimited).
+        self.default_concurrency = default_concurrency
         self.publisher = publisher
         self.clock = clock or SystemClock()
         self.warehouse_factory = warehouse_factory
@@ -136,7 +140,7 @@ class Router:
         now = self.clock.now()
 
         def record(s: Session) -> tuple[TaskRow, Outcome]:
-            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task)
+            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task, msg.map_index)
             return row, engine.fail(s, row, msg.attempt, error, now, retry_delay_s=None,
                                     from_states=DEAD_LETTER_FROM)
 
@@ -190,17 +194,27 @@ class Router:
             logs.warning(f"not claimed: {policy.detail}", outcome="deferred", **labels)
             return policy
 
-        def claim(s: Session) -> Claimed | None:
-            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task)
-            return engine.claim(s, row, msg.attempt, now)
+        def claim(s: Session) -> tuple[Claimed | None, bool]:
+            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task, msg.map_index)
+            claimed = engine.claim(s, row, msg.attempt, now,
+                                   default_concurrency=self.default_concurrency)
+            # Still under the limits' locks: a slot freed from here on wakes this row.
+            waiting = (claimed is None and bool(concurrency.limits(row, self.default_concurrency))
+                       and concurrency.wait_for_slot(s, row, msg.attempt, now))
+            return claimed, waiting
 
-        claimed = transaction(self.sessions, claim)
+        claimed, waiting = transaction(self.sessions, claim)
+        if waiting:
+            logs.info("no free concurrency slot: waiting for one", outcome="waiting", **labels)
+            return RouteResult("waiting")
         if claimed is None:
             logs.info("duplicate or stale delivery: task is not QUEUED under this attempt",
                       outcome="duplicate", **labels)
             return RouteResult("duplicate")
         failpoints.hit("after_claim")
         row = claimed.row
+        if row.map_over is not None and row.map_index < 0:
+            return self._expand(claimed, labels)
         started = time.perf_counter()
         try:
             output = self._run_handler(claimed)
@@ -296,8 +310,8 @@ class Router:
     def _expire_leases(self, now: Any, report: SweepReport) -> int:
         def expire(s: Session) -> list[tuple[Outcome, TaskRow]]:
             done = []
-            for batch_pk, task_id, attempt in maintenance.expired_leases(s, now):
-                row = engine.lookup.resolve_task_by_id(s, batch_pk, task_id)
+            for batch_pk, task_id, attempt, map_index in maintenance.expired_leases(s, now):
+                row = engine.lookup.resolve_task_by_id(s, batch_pk, task_id, map_index)
                 delay = row.retry_delay(attempt)
                 outcome = engine.fail(s, row, attempt,
                                       f"lease expired: no result within {row.timeout_s:g}s",
@@ -355,7 +369,7 @@ class Router:
         the breaker is open and the task was moved to RETRYING instead of claimed."""
 
         def gate(s: Session) -> breaker.Policy | RouteResult | None:
-            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task)
+            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task, msg.map_index)
             policy = breaker.policy_for(row.handler, row.config)
             # A duplicate or stale delivery is the claim's to reject, not the breaker's.
             if (policy is None or row.status != TaskStatus.QUEUED
@@ -405,8 +419,43 @@ class Router:
 
     def _after(self, outcome: Outcome, row: TaskRow) -> None:
         self.publish(outcome.queued)
+        self._free_slot(row)
         if outcome.check_batch:
             self._close(row.batch_pk)
+
+    def _free_slot(self, row: TaskRow) -> None:
+        """`row` left RUNNING: if it held a limited slot, publish one task waiting for it
+        now rather than at the sweeper's next redispatch."""
+        if not concurrency.limits(row, self.default_concurrency):
+            return
+        now = self.clock.now()
+
+        def wake(s: Session) -> list[Dispatch]:
+            woken = concurrency.wake(s, row, now, self.default_concurrency)
+            return maintenance.dispatches_of(s, woken)
+
+        self.publish(transaction(self.sessions, wake))
+
+    def _expand(self, claimed: Claimed, labels: dict[str, Any]) -> RouteResult:
+        """A mapped task was claimed: resolve its list and queue one instance per item."""
+        row = claimed.row
+        try:
+            store = self.object_store_factory() if self.object_store_factory else None
+            items = mapping.resolve_items(row, claimed.input, store)
+        except PermanentError as exc:
+            return self._fail(row, claimed.attempt, f"{type(exc).__name__}: {exc}", None, labels)
+        except Exception as exc:  # listing the prefix failed: the retry policy decides
+            return self._fail(row, claimed.attempt, f"{type(exc).__name__}: {exc}",
+                              row.retry_delay(claimed.attempt), labels)
+        now = self.clock.now()
+        outcome = transaction(self.sessions,
+                              lambda s: mapping.expand(s, row, claimed.attempt, items, now))
+        if not outcome.applied:
+            logs.warning(f"expansion discarded: {outcome.reason}", outcome="stale", **labels)
+            return RouteResult("stale", outcome.reason)
+        self._after(outcome, row)
+        logs.info(f"mapped over {len(items)} item(s)", outcome="expanded", **labels)
+        return RouteResult("expanded", published=len(outcome.queued))
 
     def _close(self, batch_pk: int) -> bool:
         now = self.clock.now()
@@ -422,8 +471,11 @@ class Router:
 
 
 def _labels(msg: Any) -> dict[str, Any]:
-    return {k: getattr(msg, k) for k in ("pipeline", "batch_id", "task", "attempt")
-            if getattr(msg, k, None) is not None}
+    labels = {k: getattr(msg, k) for k in ("pipeline", "batch_id", "task", "attempt")
+              if getattr(msg, k, None) is not None}
+    if getattr(msg, "map_index", -1) >= 0:
+        labels["map_index"] = msg.map_index
+    return labels
 
 
 def _matching_triggers(session: Session, obj: StorageObject) -> list[tuple[str, str, str]]:

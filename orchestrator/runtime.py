@@ -24,6 +24,7 @@ from orchestrator.db import migrate
 from orchestrator.db.models import Batch, Pipeline
 from orchestrator.db.session import make_engine, make_sessionmaker, transaction
 from orchestrator.engine.types import BatchFinished
+from orchestrator.event_stream import Callback, EventHub, Subscription, relay_once
 from orchestrator.pipeline.spec import PipelineSpec, load_pipelines
 from orchestrator.pipeline.sync import SyncResult, sync_pipeline
 from orchestrator.ports import Clock, ObjectStore, Publisher, SystemClock, Warehouse
@@ -82,6 +83,7 @@ class Runtime:
         bus: Any = None,
         warehouse_factory: Callable[[], Warehouse] | None = None,
         object_store_factory: Callable[[], ObjectStore] | None = None,
+        events_publisher: Publisher | None = None,
     ):
         self.settings = settings
         self.db = db
@@ -92,14 +94,18 @@ class Runtime:
         self.warehouse = warehouse_factory or _Lazy(lambda: make_warehouse(settings))
         self.object_store = object_store_factory or _Lazy(lambda: make_object_store(settings))
         self._finished_listeners: list[Callable[[BatchFinished], None]] = []
+        # Local subscribers to the event stream; the events topic in the cloud.
+        self.events = EventHub(self.sessions)
+        self.events_publisher = events_publisher
         self.router = Router(
             self.sessions, publisher, clock=self.clock,
             warehouse_factory=self.warehouse, object_store_factory=self.object_store,
             redispatch_after_s=settings.redispatch_after_s,
             on_batch_finished=self._batch_finished,
+            default_concurrency=settings.default_concurrency,
         )
         if bus is not None:
-            bus.attach(self.router.handle_payload)
+            bus.attach(self._route)
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -132,7 +138,8 @@ class Runtime:
                          pool_timeout=settings.db_pool_timeout_s)
         if not settings.gcp_project:
             raise RuntimeError("ORCHESTRATOR_GCP_PROJECT is not set")
-        return cls(settings, db, PubSubPublisher(settings.gcp_project, settings.tasks_topic))
+        return cls(settings, db, PubSubPublisher(settings.gcp_project, settings.tasks_topic),
+                   events_publisher=PubSubPublisher(settings.gcp_project, settings.events_topic))
 
     # -- operations -------------------------------------------------------------------
 
@@ -150,16 +157,22 @@ class Runtime:
 
         msg = StartBatch(type="start_batch", pipeline=pipeline, batch_id=batch_id,
                          params=params or {}, deadline_s=deadline_s)
-        return self.router.start_batch(msg).outcome == "started"
+        try:
+            return self.router.start_batch(msg).outcome == "started"
+        finally:
+            self.events.poke()
 
     def cancel(self, pipeline: str, batch_id: str) -> int:
         now = self.clock.now()
-        return transaction(self.sessions, lambda s: eng.cancel_batch(s, pipeline, batch_id, now))
+        n = transaction(self.sessions, lambda s: eng.cancel_batch(s, pipeline, batch_id, now))
+        self.events.poke()
+        return n
 
     def retry(self, pipeline: str, batch_id: str, tasks: list[str] | None = None) -> int:
         now = self.clock.now()
         queued = transaction(self.sessions,
                              lambda s: eng.retry_batch(s, pipeline, batch_id, now, tasks))
+        self.events.poke()
         self.router.publish(queued)
         return len(queued)
 
@@ -186,12 +199,34 @@ class Runtime:
                 self.bus.drain(timeout=0.05)
             if time.monotonic() - last_sweep >= sweep_every_s:
                 self.router.sweep()
+                self.events.poke()
                 last_sweep = time.monotonic()
             else:
                 time.sleep(0.002)
 
     def on_batch_finished(self, callback: Callable[[BatchFinished], None]) -> None:
         self._finished_listeners.append(callback)
+
+    def subscribe(self, callback: Callback, *, from_start: bool = False) -> Subscription:
+        """Call `callback(event)` for every transition from now on (schema
+        `orchestrator.event/v1`, see `orchestrator.event_stream`), in order, from a
+        thread of its own: a slow callback delays only its own events."""
+        return self.events.subscribe(callback, from_start=from_start)
+
+    def relay_events(self, *, skip_if_busy: bool = False) -> int:
+        """Publish new transitions to the events topic (cloud); returns how many."""
+        if self.events_publisher is None:
+            return 0
+        # A best-effort pass after a message must not keep its function waiting on a gap:
+        # the sweeper's pass waits longer, and publishes what this one left.
+        return relay_once(self.sessions, self.events_publisher, now=self.clock.now,
+                          skip_if_busy=skip_if_busy, gap_wait_s=0.1 if skip_if_busy else 2.0)
+
+    def _route(self, payload: Any) -> Any:
+        try:
+            return self.router.handle_payload(payload)
+        finally:
+            self.events.poke()
 
     def _batch_finished(self, finished: BatchFinished) -> None:
         for cb in list(self._finished_listeners):
@@ -211,12 +246,14 @@ class Runtime:
                     self.router.sweep()
                 except Exception as exc:  # keep sweeping; the next pass retries
                     logs.warning(f"sweep failed: {exc}")
+                self.events.poke()
 
         self._sweeper = threading.Thread(target=loop, name="orchestrator-sweeper", daemon=True)
         self._sweeper.start()
 
     def close(self) -> None:
         self._stop.set()
+        self.events.close()
         if self._sweeper is not None:
             self._sweeper.join(5)
         if self.bus is not None:

@@ -71,7 +71,8 @@ def test_batch_status_is_the_documented_json_shape_in_topological_order(sessions
     first, last = doc["tasks"][0], doc["tasks"][-1]
     assert set(first) == {"task", "status", "attempt", "max_attempts", "trigger_rule",
                           "depends_on", "waiting_for_file", "queued_at", "started_at",
-                          "finished_at", "duration_s", "next_attempt_at", "error", "output"}
+                          "finished_at", "duration_s", "next_attempt_at", "error", "output",
+                          "instances"}
     assert first["status"] == "SUCCESS" and first["output"] == {"rows": 3}
     assert first["started_at"] == "2024-03-01T12:00:01+00:00" and first["duration_s"] == 0.0
     assert (first["attempt"], first["max_attempts"]) == (1, 3)

@@ -29,6 +29,7 @@ from orchestrator.cli.ops import (
     buckets_root,
     drop,
     fire,
+    force_release,
     parse_params,
     sync,
 )
@@ -486,6 +487,57 @@ def events(
 
 
 # -- maintenance and the local runtime ------------------------------------------------------
+
+
+@app.command("run")
+@handle_errors
+def run(
+    pipeline: Annotated[str, typer.Argument(help="The pipeline to run.")],
+    batch_id: Annotated[str, typer.Argument(help="A new batch id, e.g. ci-1234.")],
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="A batch parameter, key=value; repeatable.")] = None,
+    file: Annotated[Path | None, typer.Option(
+        "--file", "-f", help="Sync this pipeline file (or folder) first.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Release the tasks that wait for a GCS file without the file "
+                        "(their input names the object their pattern expects).")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
+) -> None:
+    """Run one batch to the end in this process, then print its status table.
+
+    The same engine, handlers and metadata database as always (DATABASE_URL, or
+    the local SQLite file), with the work done here instead of by the deployed
+    functions: for debugging a pipeline, and for testing it in CI. Exit code 0
+    if the batch succeeded, 1 if it failed, was cancelled, or could not finish
+    (a task waits for a file: drop it first, or pass --force).
+
+    Example: [bold]orchestrator run monthly_profit ci-42 --file pipelines/monthly_profit.yaml --force[/bold]
+    """
+    params = parse_params(param)
+    with runtime(embedded_only=True) as rt:
+        if file is not None:
+            if not file.exists():
+                raise FileNotFoundError(2, "no such file or folder", str(file))
+            for r in sync(rt, file):
+                err.print(f"pipeline {r.name}: version {r.version}"
+                          f"{' (updated)' if r.changed else ''}")
+        if not rt.start_batch(pipeline, batch_id, params):
+            raise UsageProblem(f"batch {pipeline}/{batch_id} already exists; choose a new "
+                               "batch id, or rerun its failed part with `orchestrator batch retry`")
+        if force:
+            released = force_release(rt, pipeline, batch_id)
+            if released:
+                err.print(f"released without their file: {', '.join(released)}")
+        settle(rt, [batch_pk(rt, pipeline, batch_id)], timeout)
+        doc = _print_status(rt, batch_id, pipeline)
+    if doc["status"] == "SUCCESS":
+        return
+    if doc["status"] == "RUNNING":
+        waiting = [t["task"] for t in doc["tasks"] if t["waiting_for_file"]]
+        why = (f"waiting for a file: {', '.join(waiting)} (drop it first, or pass --force)"
+               if waiting else f"still running after {timeout:g} s")
+        err.print(f"batch {pipeline}/{batch_id} did not finish: {why}")
+    raise typer.Exit(1)
 
 
 @app.command("sweep")

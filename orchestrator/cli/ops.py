@@ -36,6 +36,38 @@ def sync(rt: Any, path: Path) -> list[Any]:
     return list(rt.sync_specs([prepare_spec(spec) for spec in load_pipelines(path)]))
 
 
+def force_release(rt: Any, pipeline: str, batch_id: str) -> list[str]:
+    """Queue the batch's roots that wait for a file, as if their file had arrived; the
+    trigger names the object the pattern would match (wildcards kept, which a GCS
+    load accepts). Returns the released tasks."""
+    from orchestrator import engine
+    from orchestrator.db.models import TaskLog
+    from orchestrator.db.session import transaction
+
+    def release(s: Any) -> tuple[list[str], list[Any]]:
+        batch = engine.find_batch(s, pipeline, batch_id)
+        waiting = s.execute(
+            select(Task.name, Task.gcs_bucket, Task.gcs_pattern)
+            .join(TaskLog, TaskLog.task_id == Task.id)
+            .where(TaskLog.batch_pk == batch.id, TaskLog.waiting_for_file.is_(True))
+        ).all()
+        names, queued = [], []
+        for task, bucket, pattern in waiting:
+            name = str(pattern or "").replace("{batch_id}", batch_id)
+            trigger = {"bucket": bucket, "name": name, "uri": f"gs://{bucket}/{name}",
+                       "forced": True}
+            row = engine.resolve_task(s, pipeline, batch_id, task)
+            outcome = engine.release_waiting_root(s, row, trigger, rt.clock.now())
+            if outcome.applied:
+                names.append(task)
+                queued.extend(outcome.queued)
+        return names, queued
+
+    names, queued = transaction(rt.sessions, release)
+    rt.router.publish(queued)
+    return names
+
+
 def buckets_root(rt: Any) -> Path:
     return Path(rt.settings.home) / "buckets"
 

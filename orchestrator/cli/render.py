@@ -92,8 +92,10 @@ def batch_table(doc: dict[str, Any]) -> Group:
         error = first_line(t["error"])
         if not error and t["waiting_for_file"]:
             error = Text("waiting for its file", style="dim")  # type: ignore[assignment]
+        instances = t.get("instances")
+        name = t["task"] if not instances else f"{t['task']}[0..{instances['total'] - 1}]"
         table.add_row(
-            t["task"], status_text(t["status"]),
+            name, status_text(t["status"]),
             f"{t['attempt']}/{t['max_attempts']}" if started else "",
             clock_time(t["started_at"]), seconds(t["duration_s"]), error,
         )

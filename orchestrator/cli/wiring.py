@@ -5,6 +5,7 @@ Exit codes a script can rely on:
   1  an error: unknown pipeline, batch or task; invalid pipeline; database unreachable
   2  a usage error: a bad option, argument, `--param`, or date range
   3  the batch (or one of the batches) the command waited for ended FAILED or CANCELLED
+     (`run` is the exception: 1 for any batch that did not succeed, as a test runner would)
   130 interrupted (Ctrl-C)
 """
 

@@ -99,6 +99,8 @@ class Task(Base):
     timeout_s: Mapped[float] = mapped_column(Float, default=600.0)
     trigger_rule: Mapped[TriggerRule] = mapped_column(_enum(TriggerRule, "trigger_rule"))
     concurrency: Mapped[int | None] = mapped_column(Integer)
+    # A mapped task: {"gcs_prefix": …} or {"parent_output": "parent.key"}, "max_instances".
+    map_over: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     gcs_bucket: Mapped[str | None] = mapped_column(String(222))
     gcs_pattern: Mapped[str | None] = mapped_column(String(1024))
 
@@ -141,7 +143,7 @@ class Batch(Base):
 class TaskLog(Base):
     __tablename__ = "task_log"
     __table_args__ = (
-        UniqueConstraint("batch_pk", "task_id", name="uq_task_log_batch_task"),
+        UniqueConstraint("batch_pk", "task_id", "map_index", name="uq_task_log_batch_task_map"),
         CheckConstraint("attempt >= 1", name="attempt_positive"),
         # Small partial indexes: the sweeper and "is the batch finished?" only ever look
         # at open rows, which are a sliver of a task log of millions.
@@ -169,6 +171,8 @@ class TaskLog(Base):
     batch_pk: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     status: Mapped[TaskStatus] = mapped_column(_enum(TaskStatus, "task_status"))
+    # -1 for a task's own row; 0..n-1 for the instances a mapped task expanded into.
+    map_index: Mapped[int] = mapped_column(Integer, default=-1, server_default=text("-1"))
     # The attempt being run, or the next one to run while QUEUED/RETRYING.
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     # Attempts used before the current run (a manual retry starts a fresh budget

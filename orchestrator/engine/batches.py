@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, literal, select, update
+from sqlalchemy import and_, case, delete, exists, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.db.dialect import insert_ignore
@@ -158,7 +158,7 @@ def retry_batch(
     else:
         seeds = list(session.execute(
             select(TaskLog.task_id).where(TaskLog.batch_pk == batch.id,
-                                          TaskLog.status.in_(FAILED))
+                                          TaskLog.status.in_(FAILED)).distinct()
         ).scalars())
     reset: set[int] = set()
     stack = list(seeds)
@@ -177,6 +177,12 @@ def retry_batch(
     if open_rows:
         raise InvalidInput("some of those tasks are still running or queued; wait or cancel first")
     ids = sorted(reset)
+    # A mapped task expands again when it reruns: its old instances go.
+    session.execute(
+        delete(TaskLog)
+        .where(TaskLog.batch_pk == batch.id, TaskLog.task_id.in_(ids), TaskLog.map_index >= 0)
+        .execution_options(synchronize_session=False)
+    )
     before = session.execute(
         update(TaskLog)
         .where(TaskLog.batch_pk == batch.id, TaskLog.task_id.in_(ids))
@@ -200,7 +206,7 @@ def retry_batch(
             select(func.count()).select_from(dep.join(
                 parent_log,
                 (parent_log.c.task_id == dep.c.parent_task_id)
-                & (parent_log.c.batch_pk == batch.id),
+                & (parent_log.c.batch_pk == batch.id) & (parent_log.c.map_index == -1),
             ))
             .where(dep.c.child_task_id == TaskLog.task_id,
                    parent_log.c.status.in_(list(statuses)))

@@ -142,7 +142,8 @@ def _decrement_children(
     if not children:
         return []
     child_rows = session.execute(
-        select(TaskLog.id).where(TaskLog.batch_pk == batch_pk, TaskLog.task_id.in_(children))
+        select(TaskLog.id).where(TaskLog.batch_pk == batch_pk, TaskLog.task_id.in_(children),
+                                 TaskLog.map_index == -1)
     ).scalars().all()
     if len(parents) == 1:
         n: ColumnElement[Any] = literal(1)

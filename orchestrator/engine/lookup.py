@@ -64,34 +64,40 @@ def find_batch(session: Session, pipeline: str, batch_id: str) -> Batch:
     return row
 
 
-def resolve_task(session: Session, pipeline: str, batch_id: str, task: str) -> TaskRow:
-    """One indexed query: the task's log row in this batch, with its definition."""
-    row = _resolve(session, Pipeline.name == pipeline, Batch.batch_id == batch_id, Task.name == task)
+def resolve_task(session: Session, pipeline: str, batch_id: str, task: str,
+                 map_index: int = -1) -> TaskRow:
+    """One indexed query: the task's log row in this batch (or one instance of a mapped
+    task), with its definition."""
+    row = _resolve(session, map_index, Pipeline.name == pipeline, Batch.batch_id == batch_id,
+                   Task.name == task)
     if row is None:
-        raise NotFound(f"no task {task!r} in batch {batch_id!r} of pipeline {pipeline!r}")
+        name = f"{task}[{map_index}]" if map_index >= 0 else task
+        raise NotFound(f"no task {name!r} in batch {batch_id!r} of pipeline {pipeline!r}")
     return row
 
 
-def resolve_task_by_id(session: Session, batch_pk: int, task_id: int) -> TaskRow:
-    row = _resolve(session, Batch.id == batch_pk, Task.id == task_id)
+def resolve_task_by_id(session: Session, batch_pk: int, task_id: int,
+                       map_index: int = -1) -> TaskRow:
+    row = _resolve(session, map_index, Batch.id == batch_pk, Task.id == task_id)
     if row is None:
-        raise NotFound(f"no task {task_id} in batch {batch_pk}")
+        raise NotFound(f"no task {task_id}[{map_index}] in batch {batch_pk}")
     return row
 
 
-def _resolve(session: Session, *where: Any) -> TaskRow | None:
+def _resolve(session: Session, map_index: int, *where: Any) -> TaskRow | None:
     row = session.execute(
         select(Pipeline.name, Batch.batch_id, Task.name,
             TaskLog.id, Batch.id, Task.id, Task.handler, Task.config, TaskLog.status,
             TaskLog.attempt, TaskLog.retry_base, Task.max_attempts, Task.retry_initial_delay_s,
             Task.retry_backoff_factor, Task.retry_max_delay_s, Task.timeout_s,
-            Batch.params, Batch.status, TaskLog.input,
+            Batch.params, Batch.status, TaskLog.input, TaskLog.map_index, Task.concurrency,
+            Pipeline.concurrency, Pipeline.id, Task.map_over,
         )
         .select_from(Pipeline)
         .join(Batch, Batch.pipeline_id == Pipeline.id)
         .join(Task, (Task.pipeline_id == Pipeline.id) & (Task.version == Batch.pipeline_version))
         .join(TaskLog, (TaskLog.batch_pk == Batch.id) & (TaskLog.task_id == Task.id))
-        .where(*where)
+        .where(*where, TaskLog.map_index == map_index)
     ).one_or_none()
     if row is None:
         return None
@@ -101,5 +107,7 @@ def _resolve(session: Session, *where: Any) -> TaskRow | None:
         task=task, handler=row[3], config=row[4] or {}, status=row[5], attempt=row[6],
         retry_base=row[7], max_attempts=row[8], retry_initial_delay_s=row[9],
         retry_backoff_factor=row[10], retry_max_delay_s=row[11], timeout_s=row[12],
-        params=row[13] or {}, batch_status=row[14], input=row[15],
+        params=row[13] or {}, batch_status=row[14], input=row[15], map_index=row[16],
+        concurrency=row[17], pipeline_concurrency=row[18], pipeline_pk=row[19],
+        map_over=row[20],
     )

@@ -41,13 +41,13 @@ def batch_names(session: Session, batch_pks: list[int]) -> dict[int, tuple[str, 
     return {b: cache[b] for b in batch_pks}
 
 
-def _dispatches(session: Session, rows: list[tuple[int, int, int]]) -> list[Dispatch]:
-    """(batch_pk, task_id, attempt) rows -> Dispatches."""
+def dispatches_of(session: Session, rows: list[tuple[int, int, int, int]]) -> list[Dispatch]:
+    """(batch_pk, task_id, attempt, map_index) rows -> Dispatches."""
     if not rows:
         return []
     names = batch_names(session, [r[0] for r in rows])
     tasks = lookup.task_names(session, [r[1] for r in rows])
-    return [Dispatch(names[b][0], names[b][1], tasks[t], a) for b, t, a in rows]
+    return [Dispatch(names[b][0], names[b][1], tasks[t], a, m) for b, t, a, m in rows]
 
 
 def redispatch_stale(session: Session, now: datetime, grace_s: float, limit: int = 500) -> list[Dispatch]:
@@ -66,10 +66,10 @@ def redispatch_stale(session: Session, now: datetime, grace_s: float, limit: int
         update(TaskLog)
         .where(TaskLog.id.in_(ids), TaskLog.status == S.QUEUED)
         .values(dispatched_at=now, dispatch_count=TaskLog.dispatch_count + 1, updated_at=now)
-        .returning(TaskLog.batch_pk, TaskLog.task_id, TaskLog.attempt)
+        .returning(TaskLog.batch_pk, TaskLog.task_id, TaskLog.attempt, TaskLog.map_index)
         .execution_options(synchronize_session=False)
     ).all()
-    return _dispatches(session, [(r[0], r[1], r[2]) for r in rows])
+    return dispatches_of(session, [(r[0], r[1], r[2], r[3]) for r in rows])
 
 
 def requeue_due(session: Session, now: datetime, limit: int = 500) -> list[Dispatch]:
@@ -88,23 +88,26 @@ def requeue_due(session: Session, now: datetime, limit: int = 500) -> list[Dispa
         .where(TaskLog.id.in_(ids), TaskLog.status == S.RETRYING)
         .values(status=S.QUEUED, attempt=TaskLog.attempt + 1, next_attempt_at=None,
                 queued_at=now, dispatched_at=now, updated_at=now)
-        .returning(TaskLog.batch_pk, TaskLog.task_id, TaskLog.attempt)
+        .returning(TaskLog.batch_pk, TaskLog.task_id, TaskLog.attempt, TaskLog.map_index)
         .execution_options(synchronize_session=False)
     ).all()
-    record(session, [event(b, t, a - 1, S.RETRYING, S.QUEUED, now, {"next_attempt": a})
-                     for b, t, a in rows])
-    return _dispatches(session, [(r[0], r[1], r[2]) for r in rows])
+    record(session, [event(b, t, a - 1, S.RETRYING, S.QUEUED, now,
+                           {"next_attempt": a, **({"map_index": m} if m >= 0 else {})})
+                     for b, t, a, m in rows])
+    return dispatches_of(session, [(r[0], r[1], r[2], r[3]) for r in rows])
 
 
-def expired_leases(session: Session, now: datetime, limit: int = 200) -> list[tuple[int, int, int]]:
-    """RUNNING rows whose lease has passed, locked for this pass: (batch_pk, task_id, attempt)."""
+def expired_leases(session: Session, now: datetime,
+                   limit: int = 200) -> list[tuple[int, int, int, int]]:
+    """RUNNING rows whose lease has passed, locked for this pass:
+    (batch_pk, task_id, attempt, map_index)."""
     stmt = lock_skip_locked(session, (
-        select(TaskLog.batch_pk, TaskLog.task_id, TaskLog.attempt)
+        select(TaskLog.batch_pk, TaskLog.task_id, TaskLog.attempt, TaskLog.map_index)
         .where(TaskLog.status == S.RUNNING, TaskLog.lease_expires_at < now)
         .order_by(TaskLog.lease_expires_at)
         .limit(limit)
     ))
-    return [(r[0], r[1], r[2]) for r in session.execute(stmt).all()]
+    return [(r[0], r[1], r[2], r[3]) for r in session.execute(stmt).all()]
 
 
 def overdue_batches(session: Session, now: datetime, limit: int = 100) -> list[tuple[str, str]]:

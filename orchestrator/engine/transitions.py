@@ -14,11 +14,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from orchestrator import concurrency, mapping
 from orchestrator.db.models import Task, TaskDependency, TaskLog
 from orchestrator.engine import lookup
 from orchestrator.engine.dag import KIND_OF, check_and_trigger_children
 from orchestrator.engine.events import event, record
-from orchestrator.engine.types import Claimed, Outcome, TaskRow
+from orchestrator.engine.types import Claimed, Dispatch, Outcome, TaskRow
 from orchestrator.status import TaskStatus
 
 S = TaskStatus
@@ -37,18 +38,36 @@ def _guarded(row: TaskRow, allowed: tuple[TaskStatus, ...], attempt: int | None 
     return stmt.execution_options(synchronize_session=False)
 
 
-def claim(session: Session, row: TaskRow, attempt: int, now: datetime) -> Claimed | None:
-    """QUEUED -> RUNNING for exactly one delivery of `attempt`; None for the others."""
+def _instance(row: TaskRow, detail: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """An event's detail, naming the instance of a mapped task."""
+    if row.map_index < 0:
+        return detail
+    return {**(detail or {}), "map_index": row.map_index}
+
+
+def _dispatch(row: TaskRow, attempt: int) -> list[Dispatch]:
+    return [Dispatch(row.pipeline, row.batch_id, row.task, attempt, row.map_index)]
+
+
+def claim(session: Session, row: TaskRow, attempt: int, now: datetime,
+          *, default_concurrency: int | None = None) -> Claimed | None:
+    """QUEUED -> RUNNING for exactly one delivery of `attempt`; None for the others, and
+    for a claim that finds no free slot under the task's concurrency limits (the check
+    is part of the same guarded UPDATE, under the limits' locks)."""
     lease = now + timedelta(seconds=row.timeout_s)
+    limits = concurrency.limits(row, default_concurrency)
+    if limits:
+        concurrency.lock(session, [lim.key for lim in limits])
     got = session.execute(
-        _guarded(row, CLAIM_FROM, attempt)
+        concurrency.guard(_guarded(row, CLAIM_FROM, attempt), limits)
         .values(status=S.RUNNING, started_at=now, lease_expires_at=lease, finished_at=None,
-                error=None, updated_at=now)
+                error=None, next_attempt_at=None, updated_at=now)
         .returning(TaskLog.id)
     ).first()
     if got is None:
         return None
-    record(session, [event(row.batch_pk, row.task_id, attempt, S.QUEUED, S.RUNNING, now)])
+    record(session, [event(row.batch_pk, row.task_id, attempt, S.QUEUED, S.RUNNING, now,
+                           _instance(row))])
     return Claimed(row=row, attempt=attempt, lease_expires_at=lease, input=task_input(session, row))
 
 
@@ -62,14 +81,27 @@ def task_input(session: Session, row: TaskRow) -> dict[str, Any]:
     parents = session.execute(
         select(Task.name, TaskLog.output, TaskLog.status)
         .join(Task, Task.id == TaskLog.task_id)
-        .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(parent_ids))
+        .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(parent_ids),
+               TaskLog.map_index == -1)
     ).all() if parent_ids else []
-    return {
+    out: dict[str, Any] = {
         "params": row.params,
+        # A mapped parent's output is the list of its instances' outputs.
         "parents": {name: output for name, output, _ in parents},
         "parent_status": {name: str(status) for name, _, status in parents},
         "trigger": row.input or {},
     }
+    if row.map_index >= 0:
+        item = (row.input or {}).get("item")
+        out["item"] = item
+        out["map_index"] = row.map_index
+        # An object under a mapped prefix is the instance's trigger, as a landed file
+        # would be, so file handlers (parquet_to_bigquery) load it with no extra config.
+        out["trigger"] = {}
+        if isinstance(item, str) and item.startswith("gs://"):
+            bucket, _, name = item[5:].partition("/")
+            out["trigger"] = {"uri": item, "bucket": bucket, "name": name}
+    return out
 
 
 def succeed(
@@ -123,9 +155,8 @@ def fail(
         if got is None:
             return Outcome(applied=False, reason="not RUNNING under this attempt")
         record(session, [event(row.batch_pk, row.task_id, attempt, S.RUNNING, S.QUEUED, now,
-                               {"error": error, "next_attempt": attempt + 1})])
-        return Outcome(applied=True, queued=lookup.dispatches(
-            session, row.pipeline, row.batch_id, [(row.task_id, attempt + 1)]))
+                               _instance(row, {"error": error, "next_attempt": attempt + 1}))])
+        return Outcome(applied=True, queued=_dispatch(row, attempt + 1))
     due = now + timedelta(seconds=retry_delay_s)
     got = session.execute(
         _guarded(row, from_states, attempt)
@@ -136,8 +167,8 @@ def fail(
     if got is None:
         return Outcome(applied=False, reason="not RUNNING under this attempt")
     record(session, [event(row.batch_pk, row.task_id, attempt, S.RUNNING, S.RETRYING, now,
-                           {"error": error, "next_attempt_at": due.isoformat(),
-                            "delay_s": retry_delay_s})])
+                           _instance(row, {"error": error, "next_attempt_at": due.isoformat(),
+                                           "delay_s": retry_delay_s}))])
     return Outcome(applied=True)
 
 
@@ -165,6 +196,11 @@ def _finish(
     detail: dict[str, Any], from_status: TaskStatus = S.RUNNING,
 ) -> Outcome:
     """The tail of every terminal transition: children, events, and the outbox."""
+    if row.map_index >= 0:
+        # An instance's parent-in-waiting is its mapped task, counted down as a fan-in.
+        record(session, [event(row.batch_pk, row.task_id, attempt, from_status, status, now,
+                               _instance(row, detail))])
+        return mapping.instance_finished(session, row, status, now)
     promo = check_and_trigger_children(session, row.batch_pk, {KIND_OF[status]: [row.task_id]}, now)
     record(session, [event(row.batch_pk, row.task_id, attempt, from_status, status, now,
                            detail or None), *promo.events])
@@ -192,6 +228,6 @@ def defer(session: Session, row: TaskRow, attempt: int, delay_s: float, reason: 
     if got is None:
         return Outcome(applied=False, reason="not QUEUED under this attempt")
     record(session, [event(row.batch_pk, row.task_id, attempt, S.QUEUED, S.RETRYING, now,
-                           {"deferred": reason, "next_attempt_at": due.isoformat(),
-                            "delay_s": delay_s})])
+                           _instance(row, {"deferred": reason, "next_attempt_at": due.isoformat(),
+                                           "delay_s": delay_s}))])
     return Outcome(applied=True)

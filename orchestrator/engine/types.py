@@ -18,15 +18,23 @@ class Dispatch:
     batch_id: str
     task: str
     attempt: int
+    map_index: int = -1
 
     def message(self) -> dict[str, Any]:
-        return {
+        msg: dict[str, Any] = {
             "type": "run_task",
             "pipeline": self.pipeline,
             "batch_id": self.batch_id,
             "task": self.task,
             "attempt": self.attempt,
         }
+        if self.map_index >= 0:
+            msg["map_index"] = self.map_index
+        return msg
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.task}[{self.map_index}]" if self.map_index >= 0 else self.task
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,16 @@ class TaskRow:
     params: dict[str, Any]
     batch_status: BatchStatus
     input: dict[str, Any] | None = None
+    map_index: int = -1
+    # Limits on RUNNING attempts: this task's (across batches), its pipeline's (per batch).
+    concurrency: int | None = None
+    pipeline_concurrency: int | None = None
+    pipeline_pk: int = 0
+    map_over: dict[str, Any] | None = None
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.task}[{self.map_index}]" if self.map_index >= 0 else self.task
 
     def retry_delay(self, failed_attempt: int) -> float | None:
         """Backoff before the next attempt, or None when the attempts are spent."""

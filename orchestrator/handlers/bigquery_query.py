@@ -113,6 +113,7 @@ def run(ctx: TaskContext) -> dict[str, Any]:
         write=write,
         partition=partition if write == "truncate_partition" else None,
         job_id=safe_job_id(ctx.idempotency_key()),
+        is_active=ctx.is_active,
     )
     return {"job_id": result.job_id, "rows_affected": result.rows_affected,
             "destination": result.destination}

@@ -59,6 +59,13 @@ class TaskContext:
     def is_active(self) -> bool:
         return self.clock.now() < self.deadline and self.active()
 
+    @property
+    def map_index(self) -> int | None:
+        """The instance of a mapped task this attempt runs, or None."""
+        value = self.input.get("map_index")
+        return value if isinstance(value, int) else None
+
     def idempotency_key(self) -> str:
-        """Stable per (pipeline, batch, task, attempt): the id of any external job."""
-        return f"{self.pipeline}__{self.batch_id}__{self.task}__{self.attempt}"
+        """Stable per (pipeline, batch, task, instance, attempt): the id of any external job."""
+        instance = f"__m{self.map_index}" if self.map_index is not None else ""
+        return f"{self.pipeline}__{self.batch_id}__{self.task}{instance}__{self.attempt}"

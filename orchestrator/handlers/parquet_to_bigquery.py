@@ -130,6 +130,7 @@ def run(ctx: TaskContext) -> dict[str, Any]:
         schema=schema or None,
         allow_field_addition=bool(config.get("allow_field_addition", False)),
         job_id=job_key(ctx),
+        is_active=ctx.is_active,
     )
     return {"job_id": result.job_id, "rows_loaded": result.rows_loaded, "table": result.table,
             "source": uris}

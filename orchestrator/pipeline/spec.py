@@ -88,6 +88,40 @@ class GcsTrigger(_Frozen):
         return m.group("batch_id") if m else None
 
 
+MAX_INSTANCES_LIMIT = 100_000
+
+
+class MapOver(_Frozen):
+    """Run one instance of the task per item of a list known only at run time:
+    the objects under a GCS prefix (`gcs_prefix`, with `{batch_id}` and batch
+    params as placeholders), or a list in a parent's output (`parent_output:
+    "parent.key"`). Each instance gets `ctx.input["item"]` and `ctx.input["map_index"]`;
+    the task's children get the instances' outputs as a list, in index order. More
+    than `max_instances` items fail the task."""
+
+    gcs_prefix: str | None = None
+    parent_output: str | None = None
+    max_instances: int = Field(default=1000, ge=1, le=MAX_INSTANCES_LIMIT)
+
+    @field_validator("gcs_prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("gs://") or len(v) <= 5 or ".." in v):
+            raise ValueError(f"gcs_prefix must be a gs:// URI prefix, got {v!r}")
+        return v
+
+    @field_validator("parent_output")
+    @classmethod
+    def _parent_output(cls, v: str | None) -> str | None:
+        if v is not None and (v.count(".") < 1 or not all(v.split("."))):
+            raise ValueError(f"parent_output must be 'parent.key', got {v!r}")
+        return v
+
+    @property
+    def parent(self) -> str | None:
+        return self.parent_output.split(".", 1)[0] if self.parent_output else None
+
+
 class TaskSpec(_Frozen):
     name: str
     handler: str
@@ -98,6 +132,7 @@ class TaskSpec(_Frozen):
     trigger_rule: TriggerRule = TriggerRule.ALL_SUCCESS
     concurrency: int | None = Field(default=None, ge=1)
     gcs_trigger: GcsTrigger | None = None
+    map_over: MapOver | None = None
     description: str = ""
 
 
@@ -209,6 +244,7 @@ def build_pipeline(
         graph.setdefault(tname, set()).update(p for p in deps if p in names and p != tname)
         if t.get("gcs_trigger") and deps:
             problems.append(f"task {tname!r}: only a root task (no depends_on) may have a gcs_trigger")
+        problems.extend(_map_problems(tname, t.get("map_over"), deps))
 
     try:
         graphlib.TopologicalSorter(graph).prepare()
@@ -228,6 +264,19 @@ def build_pipeline(
     # Inline what only the pipeline folder holds (SQL files), so the stored
     # definition is self-contained and its hash covers the SQL text.
     return prepare_spec(spec)
+
+
+def _map_problems(task: str, raw: Any, deps: list[Any]) -> list[str]:
+    if not isinstance(raw, dict):
+        return []
+    sources = [k for k in ("gcs_prefix", "parent_output") if raw.get(k) is not None]
+    if len(sources) != 1:
+        return [f"task {task!r}: map_over needs exactly one of gcs_prefix or parent_output"]
+    parent = str(raw.get("parent_output") or "").split(".", 1)[0]
+    if sources == ["parent_output"] and parent not in deps:
+        return [f"task {task!r}: map_over.parent_output names {parent!r}, which is not in "
+                "its depends_on"]
+    return []
 
 
 def load_pipeline(path: str | Path, *, known_handlers: Iterable[str] | None = None) -> PipelineSpec:

@@ -58,6 +58,7 @@ def sync_pipeline(session: Session, spec: PipelineSpec, now: datetime) -> SyncRe
                 retry_backoff_factor=t.retry.backoff_factor,
                 retry_max_delay_s=t.retry.max_delay_s, timeout_s=t.timeout_s,
                 trigger_rule=t.trigger_rule, concurrency=t.concurrency,
+                map_over=t.map_over.model_dump() if t.map_over else None,
                 gcs_bucket=t.gcs_trigger.bucket if t.gcs_trigger else None,
                 gcs_pattern=t.gcs_trigger.pattern if t.gcs_trigger else None,
             ).returning(Task.id)

@@ -12,7 +12,8 @@ this module (or the function entry point) stays cheap at cold start.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import time as _time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -334,6 +335,7 @@ class BigQueryWarehouse:
         credentials: Any = None,
         job_timeout_s: float = 3600.0,
         partition_decorators: bool = True,
+        poll_interval_s: float = 2.0,
     ):
         self._project = project
         self.default_dataset = check_identifier(default_dataset or "analytics", "dataset name")
@@ -347,6 +349,8 @@ class BigQueryWarehouse:
         # destination tables: partitions are then emptied by DELETE and query rows written
         # by INSERT, each a job of its own (not atomic together, unlike the native path).
         self.partition_decorators = partition_decorators
+        # How often a running job's state (and the attempt's liveness) is checked.
+        self.poll_interval_s = poll_interval_s
 
     @property
     def client(self) -> Any:
@@ -404,17 +408,34 @@ class BigQueryWarehouse:
             # Another delivery of this attempt started it between our look and our insert.
             return client.get_job(spec.job_id, location=self.location)
 
-    def _execute(self, specs: Sequence[JobSpec]) -> Any:
+    def _execute(self, specs: Sequence[JobSpec],
+                 is_active: Callable[[], bool] | None = None) -> Any:
         job = None
         try:
             for spec in specs:
                 if spec.only_if_table_exists and not self._exists(spec.only_if_table_exists):
                     continue
                 job = self._submit(spec)
+                self._wait(job, is_active)
                 job.result(timeout=self.job_timeout_s)
         except Exception as exc:
             raise _translate(exc, job) from exc
         return job
+
+    def _wait(self, job: Any, is_active: Callable[[], bool] | None) -> None:
+        """Poll until the job is done; cancel it once the attempt is no longer active
+        (batch cancelled, lease or timeout passed), so no zombie job keeps writing."""
+        if is_active is None:
+            return
+        deadline = _time.monotonic() + self.job_timeout_s
+        while not job.done():
+            if not is_active():
+                self.client.cancel_job(job.job_id, location=self.location)
+                raise RetryableError(f"BigQuery job {job.job_id} cancelled: the attempt is "
+                                     "no longer active")
+            if _time.monotonic() >= deadline:
+                return  # result() below raises the timeout
+            _time.sleep(self.poll_interval_s)
 
     def job_state(self, job_id: str) -> str:
         from google.api_core import exceptions as gexc
@@ -439,12 +460,13 @@ class BigQueryWarehouse:
         schema: Sequence[Column] | None = None,
         allow_field_addition: bool = False,
         job_id: str,
+        is_active: Callable[[], bool] | None = None,
     ) -> LoadResult:
         ref = self._ref(table)
         specs = plan_load(uris, ref, project=self.project, write=write, partition=partition,
                           schema=schema, allow_field_addition=allow_field_addition,
                           job_id=job_id, use_decorator=self.partition_decorators)
-        job = self._execute(specs)
+        job = self._execute(specs, is_active)
         return LoadResult(job_id=job.job_id, rows_loaded=int(job.output_rows or 0),
                           table=ref.name)
 
@@ -457,13 +479,14 @@ class BigQueryWarehouse:
         write: str = "truncate",
         partition: Partition | None = None,
         job_id: str,
+        is_active: Callable[[], bool] | None = None,
     ) -> QueryResult:
         ref = self._ref(destination) if destination else None
         specs = plan_query(sql, params, project=self.project,
                            default_dataset=self.default_dataset, destination=ref, write=write,
                            partition=partition, job_id=job_id,
                            use_decorator=self.partition_decorators)
-        job = self._execute(specs)
+        job = self._execute(specs, is_active)
         rows = job.num_dml_affected_rows
         if rows is None:
             rows = job.result(timeout=self.job_timeout_s).total_rows or 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,6 +159,7 @@ class DuckDBWarehouse:
         schema: Sequence[Column] | None = None,
         allow_field_addition: bool = False,
         job_id: str,
+        is_active: Callable[[], bool] | None = None,
     ) -> LoadResult:
         ref = parse_table(table, self.default_dataset)
         _check_write(write, partition)
@@ -174,6 +175,7 @@ class DuckDBWarehouse:
             )
             rows = self._write_stage(con, ref, write, partition, schema, allow_field_addition)
             result: dict[str, Any] = {"job_id": job_id, "rows_loaded": rows, "table": ref.name}
+            _still_active(is_active)
             self._record(con, job_id, "load", result)
         return LoadResult(**result)
 
@@ -188,6 +190,7 @@ class DuckDBWarehouse:
         write: str = "truncate",
         partition: Partition | None = None,
         job_id: str,
+        is_active: Callable[[], bool] | None = None,
     ) -> QueryResult:
         ref = parse_table(destination, self.default_dataset) if destination else None
         if ref is not None:
@@ -214,6 +217,7 @@ class DuckDBWarehouse:
                     rows += _affected(cur)
             result: dict[str, Any] = {"job_id": job_id, "rows_affected": rows,
                       "destination": ref.name if ref else None}
+            _still_active(is_active)
             self._record(con, job_id, "query", result)
         return QueryResult(**result)
 
@@ -376,3 +380,10 @@ def _translate(exc: Exception) -> Exception:
     if isinstance(exc, duckdb.CatalogException) and "function" in message.lower():
         return PermanentError(f"the local warehouse cannot run this SQL: {message}")
     return PermanentError(f"local warehouse: {message}")
+
+
+def _still_active(is_active: Callable[[], bool] | None) -> None:
+    """Checked before the commit: the local job is one transaction, so an attempt that
+    was cancelled (or timed out) meanwhile rolls back instead of writing."""
+    if is_active is not None and not is_active():
+        raise RetryableError("local warehouse: job rolled back, the attempt is no longer active")
