@@ -91,10 +91,13 @@ class Router:
         redispatch_after_s: float = 60.0,
         on_batch_finished: Callable[[BatchFinished], None] | None = None,
         default_concurrency: int | None = None,
+        continuation_s: float = 30.0,
     ):
         self.sessions = sessions
         # The cap on RUNNING attempts of a task that sets none (None: unlimited).
         self.default_concurrency = default_concurrency
+        # How long one delivery may go on running children it claimed itself.
+        self.continuation_s = continuation_s
         self.publisher = publisher
         self.clock = clock or SystemClock()
         self.warehouse_factory = warehouse_factory
@@ -189,12 +192,18 @@ class Router:
     def run_task(self, msg: RunTask, **context: Any) -> RouteResult:
         labels = {**_labels(msg), **context}
         now = self.clock.now()
-        policy = self._breaker_gate(msg, now)
-        if isinstance(policy, RouteResult):
-            logs.warning(f"not claimed: {policy.detail}", outcome="deferred", **labels)
-            return policy
+        fast = self._plain_task(msg)
+        policy: breaker.Policy | RouteResult | None = None
+        if fast is None:
+            policy = self._breaker_gate(msg, now)
+            if isinstance(policy, RouteResult):
+                logs.warning(f"not claimed: {policy.detail}", outcome="deferred", **labels)
+                return policy
 
         def claim(s: Session) -> tuple[Claimed | None, bool]:
+            if fast is not None:
+                # Definitions from the catalog: the claim is the first and only read.
+                return engine.claim(s, fast, msg.attempt, now), False
             row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task, msg.map_index)
             claimed = engine.claim(s, row, msg.attempt, now,
                                    default_concurrency=self.default_concurrency)
@@ -212,37 +221,96 @@ class Router:
                       outcome="duplicate", **labels)
             return RouteResult("duplicate")
         failpoints.hit("after_claim")
+        result, nxt = self._execute(claimed, policy, labels)
+        # The continuation: a child this worker claimed in its parent's own SUCCESS
+        # transaction runs here at once, with no publish and no second delivery. Past
+        # the budget, the last one claimed still runs (it holds a lease), then we stop.
+        deadline = time.monotonic() + self.continuation_s
+        while nxt is not None:
+            nxt_labels = {**context, "pipeline": nxt.row.pipeline, "batch_id": nxt.row.batch_id,
+                          "task": nxt.row.display_name, "attempt": nxt.attempt}
+            _, nxt = self._execute(nxt, None, nxt_labels,
+                                   may_continue=time.monotonic() < deadline)
+        return result
+
+    def _plain_task(self, msg: RunTask) -> TaskRow | None:
+        """The task as a row built from cached definitions, when nothing but the guarded
+        claim stands between the delivery and the handler (no limit, breaker or map)."""
+        if msg.map_index >= 0:
+            return None
+        with self.sessions() as s:
+            batch = engine.catalog.batch_ref(s, msg.pipeline, msg.batch_id)
+            if batch is None:
+                return None
+            task = engine.catalog.task_by_name(s, batch, msg.task)
+        if task is None or not self._is_plain(task):
+            return None
+        return engine.catalog.task_row(batch, task, msg.attempt)
+
+    def _is_plain(self, task: engine.catalog.TaskDef) -> bool:
+        return (task.map_over is None and task.concurrency is None
+                and task.pipeline_concurrency is None and self.default_concurrency is None
+                and breaker.policy_for(task.handler, task.config) is None)
+
+    def _execute(self, claimed: Claimed, policy: breaker.Policy | RouteResult | None,
+                 labels: dict[str, Any], *, may_continue: bool = True,
+                 ) -> tuple[RouteResult, Claimed | None]:
+        """Run a claimed attempt's handler and record its outcome; also returns the child
+        claimed to run next on this worker, if any."""
         row = claimed.row
+        attempt = claimed.attempt
         if row.map_over is not None and row.map_index < 0:
-            return self._expand(claimed, labels)
+            return self._expand(claimed, labels), None
         started = time.perf_counter()
         try:
             output = self._run_handler(claimed)
         except PermanentError as exc:
             self._breaker_record(policy, ok=False)
-            return self._fail(row, msg.attempt, f"{type(exc).__name__}: {exc}", None, labels)
+            return self._fail(row, attempt, f"{type(exc).__name__}: {exc}", None, labels), None
         except Exception as exc:  # an unknown failure goes through the retry policy
             self._breaker_record(policy, ok=False)
             logs.emit(logging.WARNING, f"attempt failed: {type(exc).__name__}: {exc}",
                       outcome="failed", **labels)
-            return self._fail(row, msg.attempt, f"{type(exc).__name__}: {exc}",
-                              row.retry_delay(msg.attempt), labels)
+            return self._fail(row, attempt, f"{type(exc).__name__}: {exc}",
+                              row.retry_delay(attempt), labels), None
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._breaker_record(policy, ok=True)
         done = self.clock.now()
 
-        def commit_success(s: Session) -> Outcome:
-            outcome = engine.succeed(s, row, msg.attempt, output, done)
+        def commit_success(s: Session) -> tuple[Outcome, Claimed | None]:
+            outcome = engine.succeed(s, row, attempt, output, done)
+            nxt = (self._continue_with(s, outcome, done)
+                   if outcome.applied and may_continue else None)
             failpoints.hit("before_success_commit")
-            return outcome
+            return outcome, nxt
 
-        outcome = transaction(self.sessions, commit_success)
+        outcome, nxt = transaction(self.sessions, commit_success)
         if not outcome.applied:
             logs.warning(f"result discarded: {outcome.reason}", outcome="stale", **labels)
-            return RouteResult("stale", outcome.reason)
+            return RouteResult("stale", outcome.reason), None
         self._after(outcome, row)
         logs.info(f"succeeded in {elapsed_ms:.1f} ms", outcome="succeeded", **labels)
-        return RouteResult("succeeded", published=len(outcome.queued))
+        return RouteResult("succeeded", published=len(outcome.queued)), nxt
+
+    def _continue_with(self, s: Session, outcome: Outcome, now: Any) -> Claimed | None:
+        """Claim one just-queued plain child in the parent's transaction, and take it out
+        of what will be published. Duplicates stay harmless: a claimed child's message,
+        if the sweeper ever sends one, finds it RUNNING and is acked as a duplicate."""
+        if self.continuation_s <= 0:
+            return None
+        for i, d in enumerate(outcome.queued):
+            if d.map_index >= 0:
+                continue
+            batch = engine.catalog.batch_ref(s, d.pipeline, d.batch_id)
+            task = engine.catalog.task_by_name(s, batch, d.task) if batch else None
+            if batch is None or task is None or not self._is_plain(task):
+                continue
+            claimed = engine.claim(s, engine.catalog.task_row(batch, task, d.attempt), d.attempt,
+                                   now)
+            if claimed is not None:
+                del outcome.queued[i]
+                return claimed
+        return None
 
     def object_finalized(self, obj: StorageObject) -> RouteResult:
         """A file landed: start its batch if needed and release the task waiting for it."""

@@ -103,6 +103,7 @@ class Runtime:
             redispatch_after_s=settings.redispatch_after_s,
             on_batch_finished=self._batch_finished,
             default_concurrency=settings.default_concurrency,
+            continuation_s=settings.continuation_s,
         )
         if bus is not None:
             bus.attach(self._route)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # Cap on RUNNING attempts of a task that sets no `concurrency` (None: unlimited).
     default_concurrency: int | None = Field(default=None, ge=1)
     workers: int = 4
+    # A worker that finishes a task runs one of the children it just queued itself,
+    # for up to this long per delivery (0 turns it off): no publish, no second hop.
+    continuation_s: float = 30.0
 
     def resolved_database_url(self) -> str:
         if self.database_url is None:

@@ -219,7 +219,8 @@ def function_client(target: str, source: str | Path = FUNCTIONS_MAIN) -> Any:
 def reset_process_caches() -> None:
     """Forget the cached task and batch names: a test that empties the database with
     RESTART IDENTITY reuses ids for different names."""
-    from orchestrator.engine import lookup, maintenance
+    from orchestrator.engine import catalog, lookup, maintenance
 
     lookup._names.clear()
     maintenance._batch_names.clear()
+    catalog.clear()

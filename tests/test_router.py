@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import handlers
-from orchestrator.db.models import Task, TaskLog
+from orchestrator.db.models import Task, TaskEvent, TaskLog
 from orchestrator.errors import (
     InfrastructureError,
     PermanentError,
@@ -91,7 +91,8 @@ def test_python_handler_gets_params_and_parent_outputs_and_feeds_its_child(
                            x=py("add"), y=py("add"), z=py("add"))
     sync(router.sessions, spec, clock.now())
     start(router, "sum", base=1)
-    assert published.pump(router) == 3
+    # Two roots delivered; the last to finish runs z itself (continuation).
+    assert published.pump(router) == 2
     assert status(router, "z")[0] == "SUCCESS"
     z = next(s for s in SEEN if s["task"] == "z")
     assert z == {"task": "z", "params": {"base": 1}, "parents": {"x": {"n": 1}, "y": {"n": 1}}}
@@ -258,4 +259,24 @@ def test_embedded_runtime_bus_runs_a_pipeline_through_the_same_router(tmp_path: 
                                                  "d": ["b", "c"]})])
         assert rt.start_batch("local", "2024-03")
         assert rt.wait("local", "2024-03", timeout=20) == "SUCCESS"
-        assert rt.bus.published == 4
+        # a; then one of b/c (its sibling runs on a's worker); d runs on the last one's.
+        assert rt.bus.published == 2
+
+
+@pytest.mark.parametrize("continuation_s, deliveries", [(30.0, 1), (0.0, 4)])
+def test_a_worker_runs_the_child_it_queued_unless_continuation_is_off(
+        router: Router, published: RecordingPublisher, clock: FakeClock,
+        continuation_s: float, deliveries: int) -> None:
+    """A chain runs from one delivery: each SUCCESS claims the next task in its own
+    transaction; with continuation off, every task is published and delivered."""
+    router.continuation_s = continuation_s
+    sync(router.sessions, spec_from_edges("chain", {"a": [], "b": ["a"], "c": ["b"], "d": ["c"]}),
+         clock.now())
+    start(router, "chain")
+    assert published.pump(router) == deliveries
+    assert [status(router, t)[0] for t in "abcd"] == ["SUCCESS"] * 4
+    with router.sessions() as s:
+        claims = s.execute(select(func.count()).select_from(TaskEvent)
+                           .where(TaskEvent.to_status == "RUNNING",
+                                  TaskEvent.task_id.is_not(None))).scalar_one()
+    assert claims == 4  # each task claimed once, whichever way it was reached

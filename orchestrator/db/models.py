@@ -153,9 +153,13 @@ class TaskLog(Base):
             postgresql_where=text(OPEN_STATUSES_SQL),
             sqlite_where=text(OPEN_STATUSES_SQL),
         ),
+        # With task_id in it, a planner that picks this index for a lookup by key
+        # (fresh rows have no statistics) still finds the row directly instead of
+        # scanning every open row of the batch, which is quadratic over a fan-in.
         Index(
             "ix_task_log_open_batch",
             "batch_pk",
+            "task_id",
             postgresql_where=text(OPEN_STATUSES_SQL),
             sqlite_where=text(OPEN_STATUSES_SQL),
         ),

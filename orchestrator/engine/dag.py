@@ -20,8 +20,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     and_,
+    bindparam,
     case,
     func,
     literal,
@@ -32,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db.models import TaskDependency, TaskLog
 from orchestrator.db.types import UTCDateTime
+from orchestrator.engine import catalog
 from orchestrator.engine.events import event
 from orchestrator.status import TaskStatus, TriggerRule
 
@@ -71,8 +74,9 @@ def ready_status(
     )
 
 
-def _status_dependent_values(new_status: ColumnElement[Any], now: datetime) -> dict[str, Any]:
-    ts = literal(now, UTCDateTime())
+def _status_dependent_values(new_status: ColumnElement[Any], now: datetime | Any
+                             ) -> dict[str, Any]:
+    ts = now if isinstance(now, BindParameter) else literal(now, UTCDateTime())
     terminal = new_status.in_([S.UPSTREAM_FAILED.value, S.SKIPPED.value])
     queued = new_status == S.QUEUED.value
     return {
@@ -90,6 +94,8 @@ class Promotion:
 
     changed: list[tuple[int, int, TaskStatus]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # Some child is still waiting for other parents (so the batch is not done).
+    still_pending: bool = False
 
     @property
     def queued(self) -> list[tuple[int, int]]:
@@ -109,6 +115,7 @@ def check_and_trigger_children(
     The statements issued are one per level and kind, independent of batch size.
     """
     result = Promotion()
+    waiting: set[int] = set()
     frontier = {k: list(v) for k, v in finished.items() if v}
     while frontier:
         nxt: dict[str, list[int]] = {}
@@ -116,13 +123,16 @@ def check_and_trigger_children(
             for task_id, attempt, status in _decrement_children(session, batch_pk, kind, parents, now):
                 new = TaskStatus(status)
                 if new is S.PENDING:
+                    waiting.add(task_id)
                     continue
+                waiting.discard(task_id)  # a later level of the cascade decided it
                 result.changed.append((task_id, attempt, new))
                 result.events.append(event(batch_pk, task_id, attempt, S.PENDING, new, now,
                                            {"reason": f"parent {kind}"}))
                 if new in KIND_OF:
                     nxt.setdefault(KIND_OF[new], []).append(task_id)
         frontier = nxt
+    result.still_pending = bool(waiting)
     return result
 
 
@@ -134,11 +144,7 @@ def _decrement_children(
     # partial "open rows" indexes instead (fresh batch rows have no statistics),
     # which scans every open row of the batch per finished parent: quadratic work
     # for a fan-in.
-    children = session.execute(
-        select(TaskDependency.child_task_id)
-        .where(TaskDependency.parent_task_id.in_(parents))
-        .distinct()
-    ).scalars().all()
+    children = sorted({c for p in parents for c in catalog.task_def(session, p).children})
     if not children:
         return []
     child_rows = session.execute(
@@ -146,10 +152,12 @@ def _decrement_children(
                                  TaskLog.map_index == -1)
     ).scalars().all()
     if len(parents) == 1:
-        n: ColumnElement[Any] = literal(1)
+        stmt = _single_parent_update(kind)
+        return [(r[0], r[1], r[2])
+                for r in session.execute(stmt, {"child_rows": list(child_rows), "now": now})]
     else:
         # A child may have several parents in this set: count its edges from the set.
-        n = (
+        n: ColumnElement[Any] = (
             select(func.count())
             .select_from(TaskDependency)
             .where(
@@ -168,7 +176,7 @@ def _decrement_children(
         **_status_dependent_values(ready_status(pending, failed, skipped), now),
     }
     stmt = (
-        update(TaskLog)
+        update(TaskLog.__table__)
         .where(
             TaskLog.id.in_(child_rows),
             # Only a waiting child listens: once promoted or failed, later parents
@@ -177,9 +185,37 @@ def _decrement_children(
         )
         .values(values)
         .returning(TaskLog.task_id, TaskLog.attempt, TaskLog.status)
-        .execution_options(synchronize_session=False)
     )
     return [(r[0], r[1], r[2]) for r in session.execute(stmt)]
+
+
+_single_parent_updates: dict[str, Any] = {}
+
+
+def _single_parent_update(kind: str) -> Any:
+    """The decrement for one finished parent, built once per kind: building the CASE
+    expressions costs more Python than the statement costs Postgres."""
+    stmt = _single_parent_updates.get(kind)
+    if stmt is None:
+        n = literal(1)
+        pending = TaskLog.pending_parents - n
+        failed = TaskLog.failed_parents + (n if kind == FAILED else literal(0))
+        skipped = TaskLog.skipped_parents + (n if kind == SKIPPED else literal(0))
+        now = bindparam("now", type_=UTCDateTime())
+        stmt = (
+            update(TaskLog.__table__)
+            .where(TaskLog.id.in_(bindparam("child_rows", expanding=True)),
+                   TaskLog.status == S.PENDING)
+            .values({
+                TaskLog.pending_parents: pending,
+                TaskLog.failed_parents: failed,
+                TaskLog.skipped_parents: skipped,
+                **_status_dependent_values(ready_status(pending, failed, skipped), now),
+            })
+            .returning(TaskLog.task_id, TaskLog.attempt, TaskLog.status)
+        )
+        _single_parent_updates[kind] = stmt
+    return stmt
 
 
 def evaluate_ready(

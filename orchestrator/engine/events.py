@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
@@ -31,7 +32,27 @@ def event(
     }
 
 
+_PENDING = "orchestrator.pending_events"
+
+
 def record(session: Session, events: list[dict[str, Any]]) -> None:
-    """One INSERT for all of a transaction's events (executemany, batched by the driver)."""
+    """Queue events for this transaction: they are written together, in one INSERT,
+    just before it commits (and dropped with it if it rolls back)."""
     if events:
-        session.execute(insert(TaskEvent), events)
+        session.info.setdefault(_PENDING, []).extend(events)
+
+
+def flush_events(session: Session) -> None:
+    events = session.info.pop(_PENDING, None)
+    if events:
+        session.execute(insert(TaskEvent.__table__), events)
+
+
+@sa_event.listens_for(Session, "before_commit")
+def _write_before_commit(session: Session) -> None:
+    flush_events(session)
+
+
+@sa_event.listens_for(Session, "after_rollback")
+def _forget_on_rollback(session: Session) -> None:
+    session.info.pop(_PENDING, None)

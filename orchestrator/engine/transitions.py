@@ -8,15 +8,17 @@ no-op instead of a second effect. The caller owns the transaction.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator import concurrency, mapping
-from orchestrator.db.models import Task, TaskDependency, TaskLog
-from orchestrator.engine import lookup
+from orchestrator.db.models import TaskLog
+from orchestrator.db.types import UTCDateTime
+from orchestrator.engine import catalog, lookup
 from orchestrator.engine.dag import KIND_OF, check_and_trigger_children
 from orchestrator.engine.events import event, record
 from orchestrator.engine.types import Claimed, Dispatch, Outcome, TaskRow
@@ -32,10 +34,39 @@ RELEASE_FROM = (S.PENDING,)  # a file-triggered root whose object arrived
 
 
 def _guarded(row: TaskRow, allowed: tuple[TaskStatus, ...], attempt: int | None = None) -> Any:
-    stmt = update(TaskLog).where(TaskLog.id == row.log_id, TaskLog.status.in_(allowed))
+    # Core UPDATE by the row's unique key: the ORM's bulk-update bookkeeping would
+    # cost more than the statement, and the key needs no prior read of the row id.
+    stmt = update(TaskLog.__table__).where(
+        TaskLog.batch_pk == row.batch_pk, TaskLog.task_id == row.task_id,
+        TaskLog.map_index == row.map_index, TaskLog.status.in_(allowed))
     if attempt is not None:
         stmt = stmt.where(TaskLog.attempt == attempt)
-    return stmt.execution_options(synchronize_session=False)
+    return stmt
+
+
+def _key(row: TaskRow, attempt: int) -> dict[str, Any]:
+    return {"k_batch": row.batch_pk, "k_task": row.task_id, "k_map": row.map_index,
+            "k_attempt": attempt}
+
+
+def _prebuilt(allowed: tuple[TaskStatus, ...]) -> Any:
+    """The guard of the hot transitions, built once: the statement is then reused with
+    new parameters instead of being rebuilt (and re-keyed) on every delivery."""
+    return update(TaskLog.__table__).where(
+        TaskLog.batch_pk == bindparam("k_batch"), TaskLog.task_id == bindparam("k_task"),
+        TaskLog.map_index == bindparam("k_map"), TaskLog.status.in_(allowed),
+        TaskLog.attempt == bindparam("k_attempt"))
+
+
+_NOW = bindparam("now", type_=UTCDateTime())
+_CLAIM = _prebuilt(CLAIM_FROM).values(
+    status=S.RUNNING, started_at=_NOW, lease_expires_at=bindparam("lease", type_=UTCDateTime()),
+    finished_at=None, error=None, next_attempt_at=None, updated_at=_NOW,
+).returning(TaskLog.id, TaskLog.retry_base, TaskLog.input)
+_SUCCEED = _prebuilt(SUCCEED_FROM).values(
+    status=S.SUCCESS, output=bindparam("output", type_=TaskLog.__table__.c.output.type),
+    finished_at=_NOW, lease_expires_at=None, updated_at=_NOW,
+).returning(TaskLog.id)
 
 
 def _instance(row: TaskRow, detail: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -58,14 +89,19 @@ def claim(session: Session, row: TaskRow, attempt: int, now: datetime,
     limits = concurrency.limits(row, default_concurrency)
     if limits:
         concurrency.lock(session, [lim.key for lim in limits])
-    got = session.execute(
-        concurrency.guard(_guarded(row, CLAIM_FROM, attempt), limits)
-        .values(status=S.RUNNING, started_at=now, lease_expires_at=lease, finished_at=None,
-                error=None, next_attempt_at=None, updated_at=now)
-        .returning(TaskLog.id)
-    ).first()
+        got = session.execute(
+            concurrency.guard(_guarded(row, CLAIM_FROM, attempt), limits)
+            .values(status=S.RUNNING, started_at=now, lease_expires_at=lease, finished_at=None,
+                    error=None, next_attempt_at=None, updated_at=now)
+            .returning(TaskLog.id, TaskLog.retry_base, TaskLog.input)
+        ).first()
+    else:
+        got = session.execute(_CLAIM, {**_key(row, attempt), "now": now, "lease": lease}).first()
     if got is None:
         return None
+    # The row as claimed: a row built from cached definitions learns its id here.
+    row = replace(row, log_id=got[0], retry_base=got[1], input=got[2], status=S.RUNNING,
+                  attempt=attempt)
     record(session, [event(row.batch_pk, row.task_id, attempt, S.QUEUED, S.RUNNING, now,
                            _instance(row))])
     return Claimed(row=row, attempt=attempt, lease_expires_at=lease, input=task_input(session, row))
@@ -75,15 +111,14 @@ def task_input(session: Session, row: TaskRow) -> dict[str, Any]:
     """The batch params, each parent's output by name, and what triggered the task."""
     # Parent ids first, then their rows by key: a join from the edges lets the planner
     # scan the whole batch's rows per claim (quadratic over a fan-in).
-    parent_ids = session.execute(
-        select(TaskDependency.parent_task_id).where(TaskDependency.child_task_id == row.task_id)
-    ).scalars().all()
-    parents = session.execute(
-        select(Task.name, TaskLog.output, TaskLog.status)
-        .join(Task, Task.id == TaskLog.task_id)
-        .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(parent_ids),
+    definition = catalog.task_def(session, row.task_id)
+    parent_rows = session.execute(
+        select(TaskLog.task_id, TaskLog.output, TaskLog.status)
+        .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(definition.parents),
                TaskLog.map_index == -1)
-    ).all() if parent_ids else []
+    ).all() if definition.parents else []
+    parents = [(catalog.task_def(session, t).name, output, status)
+               for t, output, status in parent_rows]
     out: dict[str, Any] = {
         "params": row.params,
         # A mapped parent's output is the list of its instances' outputs.
@@ -108,12 +143,7 @@ def succeed(
     session: Session, row: TaskRow, attempt: int, output: dict[str, Any] | None, now: datetime
 ) -> Outcome:
     """RUNNING -> SUCCESS for the attempt that holds the task; then move children on."""
-    got = session.execute(
-        _guarded(row, SUCCEED_FROM, attempt)
-        .values(status=S.SUCCESS, output=output, finished_at=now, lease_expires_at=None,
-                updated_at=now)
-        .returning(TaskLog.id)
-    ).first()
+    got = session.execute(_SUCCEED, {**_key(row, attempt), "now": now, "output": output}).first()
     if got is None:
         return Outcome(applied=False, reason="not RUNNING under this attempt (stale or fenced)")
     return _finish(session, row, attempt, S.SUCCESS, now, {})
@@ -205,7 +235,10 @@ def _finish(
     record(session, [event(row.batch_pk, row.task_id, attempt, from_status, status, now,
                            detail or None), *promo.events])
     queued = lookup.dispatches(session, row.pipeline, row.batch_id, promo.queued)
-    return Outcome(applied=True, queued=queued, check_batch=not queued)
+    # A child still waiting, or one just queued, is an open task: the batch cannot be
+    # done, so skip the check (a fan-in would otherwise run it once per parent).
+    return Outcome(applied=True, queued=queued,
+                   check_batch=not queued and not promo.still_pending)
 
 
 DEFER_FROM = (S.QUEUED,)
