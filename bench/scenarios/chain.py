@@ -68,7 +68,9 @@ def noop_chain(ctx: Context) -> list[Metric]:
         try:
             with ctx.scratch_url(backend, "noopchain") as url, \
                     BenchRuntime(url, CHAIN_WORKERS) as br:
-                br.rt.sync_specs([pipeline("noop_chain", chain_parents(z.noop_chain_len))])
+                br.rt.sync_specs([pipeline(
+                    "noop_chain", chain_parents(z.noop_chain_len),
+                    lambda _t: {"handler": "python", "config": {"callable": "bench.work:stamp"}})])
                 br.run_batch("noop_chain", "warmup", timeout=60)
                 medians, p95s, per_task = [], [], []
 
@@ -85,7 +87,7 @@ def noop_chain(ctx: Context) -> list[Metric]:
                 repeat(once, z.repeats)
                 params = {"backend": backend, "tasks": z.noop_chain_len,
                           "workers": CHAIN_WORKERS,
-                          "measured": "child QUEUED->RUNNING at minus parent RUNNING->SUCCESS at"}
+                          "measured": "child handler start minus parent handler end"}
                 out.append(Metric(f"hop_overhead_ms{sfx}", "ms", medians,
                                   {**params, "statistic": "median hop per run"},
                                   target="<= 2" if not sfx else None))
@@ -99,26 +101,37 @@ def noop_chain(ctx: Context) -> list[Metric]:
 
 
 def _hops(conn: Any, text: Any, batch_id: str) -> list[float]:
-    """Per edge: the child's claim minus the parent's SUCCESS, from `task_events.at`."""
-    rows = conn.execute(text("""
-        SELECT e.task_id, e.to_status, e.at
-        FROM task_events e JOIN batches b ON b.id = e.batch_pk
-        WHERE b.batch_id = :b AND e.task_id IS NOT NULL
-          AND e.to_status IN ('SUCCESS', 'RUNNING')
-    """), {"b": batch_id}).all()
+    """Per edge: when the child's handler started minus when the parent's returned.
+
+    Timestamps come from the handlers themselves (`bench.work:stamp`), so the hop
+    covers the parent's SUCCESS commit, the child's claim and the dispatch between,
+    whether the child was published or claimed by the same worker in that commit.
+    """
+    outputs = dict(conn.execute(text("""
+        SELECT l.task_id, l.output FROM task_log l JOIN batches b ON b.id = l.batch_pk
+        WHERE b.batch_id = :b AND l.map_index = -1
+    """), {"b": batch_id}).all())
     edges = conn.execute(text("""
         SELECT d.parent_task_id, d.child_task_id
         FROM task_dependencies d JOIN task_log l ON l.task_id = d.child_task_id
         JOIN batches b ON b.id = l.batch_pk WHERE b.batch_id = :b
     """), {"b": batch_id}).all()
-    success, claimed = {}, {}
-    for task_id, to_status, at in rows:
-        at = _as_dt(at)
-        (success if to_status == "SUCCESS" else claimed)[task_id] = at
-    hops = [(claimed[c] - success[p]).total_seconds() * 1000 for p, c in edges
-            if p in success and c in claimed]
+
+    def stamp(task_id: int, key: str) -> float | None:
+        out = outputs.get(task_id)
+        if isinstance(out, str):
+            import json
+
+            out = json.loads(out)
+        return out.get(key) if isinstance(out, dict) else None
+
+    hops = []
+    for p, c in edges:
+        ended, started = stamp(p, "ended"), stamp(c, "started")
+        if ended is not None and started is not None:
+            hops.append((started - ended) * 1000)
     if not hops:
-        raise RuntimeError(f"no hops found in task_events for batch {batch_id}")
+        raise RuntimeError(f"no hops found in task_log for batch {batch_id}")
     return hops
 
 

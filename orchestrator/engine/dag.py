@@ -139,33 +139,32 @@ def check_and_trigger_children(
 def _decrement_children(
     session: Session, batch_pk: int, kind: str, parents: list[int], now: datetime
 ) -> Iterable[tuple[int, int, str]]:
-    # The child rows are found by key, in two indexed reads, and updated by primary
-    # key. A join or subquery from task_log to the edges lets the planner pick the
-    # partial "open rows" indexes instead (fresh batch rows have no statistics),
-    # which scans every open row of the batch per finished parent: quadratic work
-    # for a fan-in.
+    # Children come from the cached edges, and their rows are found by key. A join
+    # or subquery from task_log to the edges would let the planner scan every open
+    # row of the batch per finished parent (fresh rows have no statistics):
+    # quadratic work for a fan-in.
     children = sorted({c for p in parents for c in catalog.task_def(session, p).children})
     if not children:
         return []
-    child_rows = session.execute(
+    if len(parents) == 1:
+        # By key: the (batch_pk, task_id) indexes find each child directly.
+        stmt = _single_parent_update(kind)
+        params = {"k_batch": batch_pk, "children": children, "now": now}
+        return [(r[0], r[1], r[2]) for r in session.connection().execute(stmt, params)]
+    child_rows = session.connection().execute(
         select(TaskLog.id).where(TaskLog.batch_pk == batch_pk, TaskLog.task_id.in_(children),
                                  TaskLog.map_index == -1)
     ).scalars().all()
-    if len(parents) == 1:
-        stmt = _single_parent_update(kind)
-        return [(r[0], r[1], r[2])
-                for r in session.execute(stmt, {"child_rows": list(child_rows), "now": now})]
-    else:
-        # A child may have several parents in this set: count its edges from the set.
-        n: ColumnElement[Any] = (
-            select(func.count())
-            .select_from(TaskDependency)
-            .where(
-                TaskDependency.child_task_id == TaskLog.task_id,
-                TaskDependency.parent_task_id.in_(parents),
-            )
-            .scalar_subquery()
+    # A child may have several parents in this set: count its edges from the set.
+    n: ColumnElement[Any] = (
+        select(func.count())
+        .select_from(TaskDependency)
+        .where(
+            TaskDependency.child_task_id == TaskLog.task_id,
+            TaskDependency.parent_task_id.in_(parents),
         )
+        .scalar_subquery()
+    )
     pending = TaskLog.pending_parents - n
     failed = TaskLog.failed_parents + (n if kind == FAILED else literal(0))
     skipped = TaskLog.skipped_parents + (n if kind == SKIPPED else literal(0))
@@ -204,8 +203,9 @@ def _single_parent_update(kind: str) -> Any:
         now = bindparam("now", type_=UTCDateTime())
         stmt = (
             update(TaskLog.__table__)
-            .where(TaskLog.id.in_(bindparam("child_rows", expanding=True)),
-                   TaskLog.status == S.PENDING)
+            .where(TaskLog.batch_pk == bindparam("k_batch"),
+                   TaskLog.task_id.in_(bindparam("children", expanding=True)),
+                   TaskLog.map_index == -1, TaskLog.status == S.PENDING)
             .values({
                 TaskLog.pending_parents: pending,
                 TaskLog.failed_parents: failed,

@@ -45,7 +45,7 @@ def record(session: Session, events: list[dict[str, Any]]) -> None:
 def flush_events(session: Session) -> None:
     events = session.info.pop(_PENDING, None)
     if events:
-        session.execute(insert(TaskEvent.__table__), events)
+        session.connection().execute(insert(TaskEvent.__table__), events)
 
 
 @sa_event.listens_for(Session, "before_commit")

@@ -96,7 +96,7 @@ def claim(session: Session, row: TaskRow, attempt: int, now: datetime,
             .returning(TaskLog.id, TaskLog.retry_base, TaskLog.input)
         ).first()
     else:
-        got = session.execute(_CLAIM, {**_key(row, attempt), "now": now, "lease": lease}).first()
+        got = session.connection().execute(_CLAIM, {**_key(row, attempt), "now": now, "lease": lease}).first()
     if got is None:
         return None
     # The row as claimed: a row built from cached definitions learns its id here.
@@ -112,7 +112,7 @@ def task_input(session: Session, row: TaskRow) -> dict[str, Any]:
     # Parent ids first, then their rows by key: a join from the edges lets the planner
     # scan the whole batch's rows per claim (quadratic over a fan-in).
     definition = catalog.task_def(session, row.task_id)
-    parent_rows = session.execute(
+    parent_rows = session.connection().execute(
         select(TaskLog.task_id, TaskLog.output, TaskLog.status)
         .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(definition.parents),
                TaskLog.map_index == -1)
@@ -143,7 +143,7 @@ def succeed(
     session: Session, row: TaskRow, attempt: int, output: dict[str, Any] | None, now: datetime
 ) -> Outcome:
     """RUNNING -> SUCCESS for the attempt that holds the task; then move children on."""
-    got = session.execute(_SUCCEED, {**_key(row, attempt), "now": now, "output": output}).first()
+    got = session.connection().execute(_SUCCEED, {**_key(row, attempt), "now": now, "output": output}).first()
     if got is None:
         return Outcome(applied=False, reason="not RUNNING under this attempt (stale or fenced)")
     return _finish(session, row, attempt, S.SUCCESS, now, {})
