@@ -366,8 +366,10 @@ class Router:
         report.expired = self._expire_leases(now, report)
         for pipeline, batch_id in transaction(self.sessions,
                                               lambda s: maintenance.overdue_batches(s, now)):
-            transaction(self.sessions, lambda s, p=pipeline, b=batch_id: engine.cancel_batch(
-                s, p, b, now, reason="deadline passed"))
+            def cancel(s: Session, p: str = pipeline, b: str = batch_id) -> int:
+                return engine.cancel_batch(s, p, b, now, reason="deadline passed")
+
+            transaction(self.sessions, cancel)
             logs.warning("batch cancelled: deadline passed", pipeline=pipeline, batch_id=batch_id)
             report.cancelled_batches += 1
         for batch_pk in transaction(self.sessions, maintenance.finished_open_batches):
@@ -555,6 +557,8 @@ def _matching_triggers(session: Session, obj: StorageObject) -> list[tuple[str, 
     ).all()
     out = []
     for pipeline, task, bucket, pattern in rows:
+        if bucket is None or pattern is None:
+            continue
         batch_id = GcsTrigger(bucket=bucket, pattern=pattern).match(obj.bucket, obj.name)
         if batch_id is not None:
             out.append((pipeline, task, batch_id))

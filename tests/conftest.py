@@ -18,6 +18,7 @@ from orchestrator.db.migrate import upgrade
 from orchestrator.db.session import make_engine, make_sessionmaker
 from orchestrator.testing import reset_process_caches
 
+
 def _admin_url() -> str:
     # `make test` writes the server it found or started to .tmp/test-database-url.
     if os.environ.get("TEST_DATABASE_URL"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -16,7 +15,7 @@ def insert_ignore(session: Session, table: Any, index_elements: list[str]) -> An
     return mod.insert(table).on_conflict_do_nothing(index_elements=index_elements)
 
 
-def lock_skip_locked(session: Session, stmt: Select[Any]) -> Select[Any]:
+def lock_skip_locked(session: Session, stmt: Any) -> Any:
     """FOR UPDATE SKIP LOCKED where the database has row locks. SQLite takes the
     whole database for a writer (BEGIN IMMEDIATE), which gives the same guarantee."""
     if session.get_bind().dialect.name == "postgresql":

@@ -12,7 +12,7 @@ the decrement that reaches zero promotes the child (row locks serialize them).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -25,6 +25,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -216,6 +217,11 @@ class TaskEvent(Base):
     to_status: Mapped[str] = mapped_column(String(20))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+# The Core tables, typed as such, for the hot statements that skip the ORM.
+task_log_table = cast(Table, TaskLog.__table__)
+task_events_table = cast(Table, TaskEvent.__table__)
 
 
 class ConcurrencyLock(Base):

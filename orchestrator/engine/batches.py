@@ -11,7 +11,7 @@ from sqlalchemy import and_, case, delete, exists, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.db.dialect import insert_ignore
-from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskLog
+from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskLog, task_log_table
 from orchestrator.db.types import UTCDateTime
 from orchestrator.engine import lookup
 from orchestrator.engine.dag import evaluate_ready
@@ -81,7 +81,7 @@ def start_batch(
         case((ready, ts), else_=None), case((ready, ts), else_=None), ts,
     ).where(Task.pipeline_id == pipeline_pk, Task.version == version)
     session.execute(
-        TaskLog.__table__.insert().from_select(
+        task_log_table.insert().from_select(
             ["batch_pk", "task_id", "status", "attempt", "retry_base", "trigger_rule",
              "pending_parents", "failed_parents", "skipped_parents", "waiting_for_file",
              "dispatch_count", "queued_at", "dispatched_at", "updated_at"],
@@ -115,7 +115,7 @@ def cancel_batch(session: Session, pipeline: str, batch_id: str, now: datetime,
         .returning(TaskLog.task_id, TaskLog.attempt)
         .execution_options(synchronize_session=False)
     ).all()
-    changed = session.execute(
+    changed = session.connection().execute(
         update(Batch).where(Batch.id == batch.id, Batch.status == BatchStatus.RUNNING)
         .values(status=BatchStatus.CANCELLED, finished_at=now)
         .execution_options(synchronize_session=False)
@@ -198,7 +198,7 @@ def retry_batch(
         .returning(TaskLog.task_id, TaskLog.attempt)
         .execution_options(synchronize_session=False)
     ).all()
-    parent_log = TaskLog.__table__.alias("parent_log")
+    parent_log = task_log_table.alias("parent_log")
     dep = TaskDependency.__table__
 
     def count_parents(statuses: Iterable[str]) -> Any:

@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from orchestrator.db.models import TaskDependency, TaskLog
+from orchestrator.db.models import TaskDependency, TaskLog, task_log_table
 from orchestrator.db.types import UTCDateTime
 from orchestrator.engine import catalog
 from orchestrator.engine.events import event
@@ -52,9 +52,7 @@ KIND_OF: dict[TaskStatus, str] = {
 }
 
 
-def ready_status(
-    pending: ColumnElement[Any], failed: ColumnElement[Any], skipped: ColumnElement[Any]
-) -> ColumnElement[Any]:
+def ready_status(pending: Any, failed: Any, skipped: Any) -> ColumnElement[Any]:
     """The status a PENDING child should have, given its parent counters.
 
     all_success: any failed parent -> UPSTREAM_FAILED at once; all done and some
@@ -75,7 +73,7 @@ def ready_status(
 
 
 def _status_dependent_values(new_status: ColumnElement[Any], now: datetime | Any
-                             ) -> dict[str, Any]:
+                             ) -> dict[Any, Any]:
     ts = now if isinstance(now, BindParameter) else literal(now, UTCDateTime())
     terminal = new_status.in_([S.UPSTREAM_FAILED.value, S.SKIPPED.value])
     queued = new_status == S.QUEUED.value
@@ -175,7 +173,7 @@ def _decrement_children(
         **_status_dependent_values(ready_status(pending, failed, skipped), now),
     }
     stmt = (
-        update(TaskLog.__table__)
+        update(task_log_table)
         .where(
             TaskLog.id.in_(child_rows),
             # Only a waiting child listens: once promoted or failed, later parents
@@ -202,7 +200,7 @@ def _single_parent_update(kind: str) -> Any:
         skipped = TaskLog.skipped_parents + (n if kind == SKIPPED else literal(0))
         now = bindparam("now", type_=UTCDateTime())
         stmt = (
-            update(TaskLog.__table__)
+            update(task_log_table)
             .where(TaskLog.batch_pk == bindparam("k_batch"),
                    TaskLog.task_id.in_(bindparam("children", expanding=True)),
                    TaskLog.map_index == -1, TaskLog.status == S.PENDING)

@@ -9,7 +9,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from orchestrator.db.models import TaskEvent
+from orchestrator.db.models import task_events_table
 
 
 def event(
@@ -45,7 +45,7 @@ def record(session: Session, events: list[dict[str, Any]]) -> None:
 def flush_events(session: Session) -> None:
     events = session.info.pop(_PENDING, None)
     if events:
-        session.connection().execute(insert(TaskEvent.__table__), events)
+        session.connection().execute(insert(task_events_table), events)
 
 
 @sa_event.listens_for(Session, "before_commit")

@@ -101,7 +101,8 @@ def _resolve(session: Session, map_index: int, *where: Any) -> TaskRow | None:
     ).one_or_none()
     if row is None:
         return None
-    pipeline, batch_id, task, *row = row
+    pipeline, batch_id, task, *cols = row
+    row = cols  # type: ignore[assignment]
     return TaskRow(
         log_id=row[0], batch_pk=row[1], task_id=row[2], pipeline=pipeline, batch_id=batch_id,
         task=task, handler=row[3], config=row[4] or {}, status=row[5], attempt=row[6],

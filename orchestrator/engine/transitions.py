@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator import concurrency, mapping
-from orchestrator.db.models import TaskLog
+from orchestrator.db.models import TaskLog, task_log_table
 from orchestrator.db.types import UTCDateTime
 from orchestrator.engine import catalog, lookup
 from orchestrator.engine.dag import KIND_OF, check_and_trigger_children
@@ -36,7 +36,7 @@ RELEASE_FROM = (S.PENDING,)  # a file-triggered root whose object arrived
 def _guarded(row: TaskRow, allowed: tuple[TaskStatus, ...], attempt: int | None = None) -> Any:
     # Core UPDATE by the row's unique key: the ORM's bulk-update bookkeeping would
     # cost more than the statement, and the key needs no prior read of the row id.
-    stmt = update(TaskLog.__table__).where(
+    stmt = update(task_log_table).where(
         TaskLog.batch_pk == row.batch_pk, TaskLog.task_id == row.task_id,
         TaskLog.map_index == row.map_index, TaskLog.status.in_(allowed))
     if attempt is not None:
@@ -52,7 +52,7 @@ def _key(row: TaskRow, attempt: int) -> dict[str, Any]:
 def _prebuilt(allowed: tuple[TaskStatus, ...]) -> Any:
     """The guard of the hot transitions, built once: the statement is then reused with
     new parameters instead of being rebuilt (and re-keyed) on every delivery."""
-    return update(TaskLog.__table__).where(
+    return update(task_log_table).where(
         TaskLog.batch_pk == bindparam("k_batch"), TaskLog.task_id == bindparam("k_task"),
         TaskLog.map_index == bindparam("k_map"), TaskLog.status.in_(allowed),
         TaskLog.attempt == bindparam("k_attempt"))
@@ -64,7 +64,7 @@ _CLAIM = _prebuilt(CLAIM_FROM).values(
     finished_at=None, error=None, next_attempt_at=None, updated_at=_NOW,
 ).returning(TaskLog.id, TaskLog.retry_base, TaskLog.input)
 _SUCCEED = _prebuilt(SUCCEED_FROM).values(
-    status=S.SUCCESS, output=bindparam("output", type_=TaskLog.__table__.c.output.type),
+    status=S.SUCCESS, output=bindparam("output", type_=task_log_table.c.output.type),
     finished_at=_NOW, lease_expires_at=None, updated_at=_NOW,
 ).returning(TaskLog.id)
 

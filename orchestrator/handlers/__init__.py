@@ -57,4 +57,4 @@ def load_callable(path: str) -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"{path!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return obj

@@ -30,7 +30,7 @@ class PubSubPublisher:
     def _get_client(self) -> Any:
         with self._lock:
             if self._client is None:
-                from google.cloud import pubsub_v1
+                from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 
                 # Publish at once: a task waiting for its message is latency we pay per hop.
                 self._client = pubsub_v1.PublisherClient(

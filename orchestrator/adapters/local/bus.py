@@ -107,7 +107,7 @@ class InProcessBus:
             self._handler(data)
         except InfrastructureError as exc:
             if tries + 1 >= MAX_REDELIVERIES:
-                logs.error(f"message dropped after {tries + 1} deliveries: {exc}", message=data)
+                logs.error(f"message dropped after {tries + 1} deliveries: {exc}", payload=data)
                 return
             due = time.monotonic() + self.redelivery_delay_s * 2 ** min(tries, 6)
             with self._cv:
@@ -115,4 +115,4 @@ class InProcessBus:
                 self._cv.notify()
         except Exception as exc:  # a worker must survive any message
             logs.error(f"unhandled error routing message: {type(exc).__name__}: {exc}",
-                       message=data)
+                       payload=data)
