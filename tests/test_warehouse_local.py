@@ -121,6 +121,18 @@ def test_a_declared_schema_creates_the_missing_table_with_its_types(store, wh):
     assert row == {"amount": Decimal("1.25"), "sale_date": date(2024, 3, 1)}
 
 
+def test_a_source_missing_a_required_column_is_named_and_nothing_is_written(store, wh):
+    put(store, "gs://lake/a.parquet", [sale(1, date(2024, 3, 1), amount="1.25")])
+    schema = [Column(**c) for c in SALES_COLUMNS]
+    wh.load_parquet(["gs://lake/a.parquet"], "raw.sales", schema=schema, job_id="a")
+    without_amount = [c for c in SALES_COLUMNS if c["name"] != "amount"]
+    put(store, "gs://lake/b.parquet", [sale(2, date(2024, 3, 2))], columns=without_amount)
+    with pytest.raises(PermanentError, match=r"raw\.sales: the Parquet source has no column "
+                                             r"amount .*gs://lake/b\.parquet"):
+        wh.load_parquet(["gs://lake/b.parquet"], "raw.sales", schema=schema, job_id="b")
+    assert wh.row_count("raw.sales") == 1
+
+
 def test_a_load_with_no_matching_objects_is_a_clear_error(wh):
     with pytest.raises(PermanentError, match=r"no objects match gs://lake/none/\*.parquet"):
         wh.load_parquet(["gs://lake/none/*.parquet"], "sales", job_id="x")

@@ -173,6 +173,7 @@ class DuckDBWarehouse:
                 f"CREATE TEMP TABLE {_STAGE} AS SELECT * FROM read_parquet($files, union_by_name = true)",
                 {"files": files},
             )
+            _require_columns(con, ref.name, schema, list(uris))
             rows = self._write_stage(con, ref, write, partition, schema, allow_field_addition)
             result: dict[str, Any] = {"job_id": job_id, "rows_loaded": rows, "table": ref.name}
             _still_active(is_active)
@@ -387,3 +388,19 @@ def _still_active(is_active: Callable[[], bool] | None) -> None:
     was cancelled (or timed out) meanwhile rolls back instead of writing."""
     if is_active is not None and not is_active():
         raise RetryableError("local warehouse: job rolled back, the attempt is no longer active")
+
+
+def _require_columns(con: Any, table: str, schema: Sequence[Column] | None,
+                     files: Sequence[str]) -> None:
+    """Name the missing columns, as BigQuery's load job would, instead of letting the
+    insert fail later on a NOT NULL constraint."""
+    if not schema:
+        return
+    present = {row[0] for row in con.execute(f"DESCRIBE temp.{_STAGE}").fetchall()}
+    missing = [c.name for c in schema
+               if (c.mode or "").upper() == "REQUIRED" and c.name not in present]
+    if missing:
+        shown = ", ".join(files[:3]) + (" …" if len(files) > 3 else "")
+        raise PermanentError(
+            f"{table}: the Parquet source has no column {', '.join(missing)} that the "
+            f"table's schema requires (source: {shown})")
