@@ -279,7 +279,8 @@ class Router:
 
         def commit_success(s: Session) -> tuple[Outcome, Claimed | None]:
             outcome = engine.succeed(s, row, attempt, output, done)
-            nxt = (self._continue_with(s, outcome, done)
+            known = {row.task_id: (output, TaskStatus.SUCCESS)} if row.map_index < 0 else {}
+            nxt = (self._continue_with(s, outcome, done, known)
                    if outcome.applied and may_continue else None)
             failpoints.hit("before_success_commit")
             return outcome, nxt
@@ -292,7 +293,8 @@ class Router:
         logs.info(f"succeeded in {elapsed_ms:.1f} ms", outcome="succeeded", **labels)
         return RouteResult("succeeded", published=len(outcome.queued)), nxt
 
-    def _continue_with(self, s: Session, outcome: Outcome, now: Any) -> Claimed | None:
+    def _continue_with(self, s: Session, outcome: Outcome, now: Any,
+                       known_parents: dict[int, tuple[Any, Any]]) -> Claimed | None:
         """Claim one just-queued plain child in the parent's transaction, and take it out
         of what will be published. Duplicates stay harmless: a claimed child's message,
         if the sweeper ever sends one, finds it RUNNING and is acked as a duplicate."""
@@ -306,7 +308,7 @@ class Router:
             if batch is None or task is None or not self._is_plain(task):
                 continue
             claimed = engine.claim(s, engine.catalog.task_row(batch, task, d.attempt), d.attempt,
-                                   now)
+                                   now, known_parents=known_parents)
             if claimed is not None:
                 del outcome.queued[i]
                 return claimed

@@ -81,7 +81,8 @@ def _dispatch(row: TaskRow, attempt: int) -> list[Dispatch]:
 
 
 def claim(session: Session, row: TaskRow, attempt: int, now: datetime,
-          *, default_concurrency: int | None = None) -> Claimed | None:
+          *, default_concurrency: int | None = None,
+          known_parents: dict[int, tuple[Any, Any]] | None = None) -> Claimed | None:
     """QUEUED -> RUNNING for exactly one delivery of `attempt`; None for the others, and
     for a claim that finds no free slot under the task's concurrency limits (the check
     is part of the same guarded UPDATE, under the limits' locks)."""
@@ -104,19 +105,26 @@ def claim(session: Session, row: TaskRow, attempt: int, now: datetime,
                   attempt=attempt)
     record(session, [event(row.batch_pk, row.task_id, attempt, S.QUEUED, S.RUNNING, now,
                            _instance(row))])
-    return Claimed(row=row, attempt=attempt, lease_expires_at=lease, input=task_input(session, row))
+    return Claimed(row=row, attempt=attempt, lease_expires_at=lease,
+                   input=task_input(session, row, known_parents))
 
 
-def task_input(session: Session, row: TaskRow) -> dict[str, Any]:
+def task_input(session: Session, row: TaskRow,
+               known_parents: dict[int, tuple[Any, Any]] | None = None) -> dict[str, Any]:
     """The batch params, each parent's output by name, and what triggered the task."""
-    # Parent ids first, then their rows by key: a join from the edges lets the planner
-    # scan the whole batch's rows per claim (quadratic over a fan-in).
+    # Parent ids come from the cached edges and their rows are read by key (a join from
+    # the edges could scan the whole batch per claim). Parents whose (output, status)
+    # the caller already holds, such as the one whose SUCCESS this very transaction
+    # wrote, need no read at all.
     definition = catalog.task_def(session, row.task_id)
-    parent_rows = session.connection().execute(
+    known = known_parents or {}
+    unknown = [p for p in definition.parents if p not in known]
+    parent_rows = [(p, *known[p]) for p in definition.parents if p in known]
+    parent_rows += session.connection().execute(
         select(TaskLog.task_id, TaskLog.output, TaskLog.status)
-        .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(definition.parents),
+        .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(unknown),
                TaskLog.map_index == -1)
-    ).all() if definition.parents else []
+    ).all() if unknown else []
     parents = [(catalog.task_def(session, t).name, output, status)
                for t, output, status in parent_rows]
     out: dict[str, Any] = {
