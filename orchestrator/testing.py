@@ -219,8 +219,7 @@ def function_client(target: str, source: str | Path = FUNCTIONS_MAIN) -> Any:
 def reset_process_caches() -> None:
     """Forget the cached task and batch names: a test that empties the database with
     RESTART IDENTITY reuses ids for different names."""
-    from orchestrator.engine import catalog, lookup, maintenance
+    from orchestrator.engine import catalog, maintenance
 
-    lookup._names.clear()
     maintenance._batch_names.clear()
     catalog.clear()

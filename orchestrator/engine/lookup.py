@@ -1,4 +1,4 @@
-"""Resolving names to rows, and the process-wide cache of immutable task names."""
+"""Resolving names to rows (immutable definitions come from `catalog`)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,16 @@ import threading
 import weakref
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from orchestrator.db.models import Batch, Pipeline, Task, TaskLog
+from orchestrator.engine import catalog
 from orchestrator.engine.types import Dispatch, TaskRow
 from orchestrator.errors import NotFound
 
-# Task rows never change once written (a changed pipeline gets new rows), so their
-# names can be cached for the life of the process without invalidation.
-# Keyed by engine (weakly), since a process (a test run, a benchmark) may use several
+# Per-engine caches (weakly keyed): a process (a test run, a benchmark) may use several
 # databases, and a database emptied and refilled gets a new engine.
-_names: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
 _names_lock = threading.Lock()
 
 
@@ -31,17 +29,8 @@ def db_cache(store: weakref.WeakKeyDictionary[Any, dict[Any, Any]], session: Ses
 
 
 def task_names(session: Session, task_ids: list[int]) -> dict[int, str]:
-    cache = db_cache(_names, session)
-    missing = [t for t in set(task_ids) if t not in cache]
-    if missing:
-        # Fetch the whole pipeline version at once: its other tasks will follow.
-        versions = select(Task.pipeline_id, Task.version).where(Task.id.in_(missing)).distinct()
-        rows = session.execute(
-            select(Task.id, Task.name).where(
-                tuple_(Task.pipeline_id, Task.version).in_(versions) | Task.id.in_(missing))
-        ).all()
-        cache.update({r[0]: r[1] for r in rows})
-    return {t: cache[t] for t in task_ids}
+    """Names by task id, from the catalog of immutable definitions."""
+    return {t: catalog.task_def(session, t).name for t in task_ids}
 
 
 def dispatches(
