@@ -190,7 +190,7 @@ def _problems(exc: ValidationError) -> str:
 
 def status_query(args: Mapping[str, str]) -> tuple[str, str | None]:
     """`?batch_id=…&pipeline=…` -> (batch_id, pipeline), checked before any query runs."""
-    from orchestrator.pipeline.spec import NAME_RE, valid_batch_id
+    from orchestrator.identifiers import NAME_RE, valid_batch_id
 
     batch_id = args.get("batch_id")
     if not batch_id:

@@ -18,6 +18,14 @@ IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,1023}$")
 # BigQuery project ids: lowercase letters, digits and dashes, 6 to 30 characters.
 PROJECT_RE = re.compile(r"^[a-z][a-z0-9\-]{4,28}[a-z0-9]$")
 DEFAULT_DATASET = "analytics"
+# Pipeline and task names.
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,127}$")
+# Batch ids travel in messages, object paths and SQL parameters: keep them boring.
+BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-=:]{0,127}$")
+
+
+def valid_batch_id(value: str) -> bool:
+    return bool(BATCH_ID_RE.match(value)) and ".." not in value
 
 
 class InvalidIdentifier(PermanentError, ValueError):

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from orchestrator.errors import InvalidInput
-from orchestrator.pipeline.spec import BATCH_ID_RE, NAME_RE
+from orchestrator.identifiers import BATCH_ID_RE, NAME_RE
 
 MAX_MESSAGE_BYTES = 1_000_000
 
@@ -87,3 +87,12 @@ def parse_message(payload: bytes | str | dict[str, Any]) -> Message | UnknownMes
             for e in exc.errors()
         )
         raise InvalidInput(f"invalid {kind} message: {problems}") from exc
+
+
+def log_labels(msg: Any) -> dict[str, Any]:
+    """The labels that tie a log line to its pipeline, batch, task and attempt."""
+    labels = {k: getattr(msg, k) for k in ("pipeline", "batch_id", "task", "attempt")
+              if getattr(msg, k, None) is not None}
+    if getattr(msg, "map_index", -1) >= 0:
+        labels["map_index"] = msg.map_index
+    return labels

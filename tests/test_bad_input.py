@@ -241,7 +241,7 @@ def test_malformed_input_is_still_acknowledged_when_the_database_is_down(
 
 def test_pubsub_publish_failure_is_a_5xx(rt: Runtime, pg_engine: Engine) -> None:
     """Pub/Sub down while publishing the new batch's roots: 500, so it comes again."""
-    rt.router.publisher = FailingPublisher()
+    rt.router.dispatcher.publisher = FailingPublisher()
     headers, body = pubsub_request(start())
     assert function_client("route").post("/", headers=headers, data=body).status_code == 500
 
@@ -250,7 +250,7 @@ def test_redelivery_after_publish_failure_does_not_start_the_batch_twice(
         rt: Runtime, pg_engine: Engine) -> None:
     """The retried start_batch finds the batch and acks; the sweeper owns the publish."""
     failing = FailingPublisher(failures=1)
-    rt.router.publisher = failing
+    rt.router.dispatcher.publisher = failing
     headers, body = pubsub_request(start())
     client = function_client("route")
     assert client.post("/", headers=headers, data=body).status_code == 500

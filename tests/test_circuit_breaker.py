@@ -14,8 +14,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator import breaker, handlers
+from orchestrator import handlers
 from orchestrator.db.session import transaction
+from orchestrator.engine import breaker
 from orchestrator.errors import PipelineValidationError
 from orchestrator.handlers.context import TaskContext
 from orchestrator.messages import StartBatch

@@ -148,7 +148,8 @@ def storage_events(draw: st.DrawFn) -> tuple[dict[str, str], bytes]:
 
 def effective_object(body: bytes) -> bool:
     """Would this event rightly start a batch: a marker of the sales trigger?"""
-    from orchestrator.pipeline.spec import GcsTrigger, valid_batch_id
+    from orchestrator.identifiers import valid_batch_id
+    from orchestrator.pipeline.spec import GcsTrigger
 
     text_body = body.decode("utf-8", "replace")
     trigger = GcsTrigger(bucket="landing", pattern="sales/{batch_id}/_SUCCESS")

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator import engine, mapping
 from orchestrator.db.models import TaskEvent, TaskLog
 from orchestrator.db.session import transaction
+from orchestrator.engine import expansion
 from orchestrator.engine.types import Outcome
 from orchestrator.errors import PermanentError
 from orchestrator.pipeline.spec import build_pipeline
@@ -186,7 +187,7 @@ def test_instances_finishing_at_once_promote_the_child_exactly_once(
                 row = engine.resolve_task(s, "mapped_fan_in", batch_id, "load")
                 claimed = engine.claim(s, row, 1, now)
                 assert claimed is not None
-                assert mapping.expand(s, claimed.row, 1, list(range(n)), now).applied
+                assert expansion.expand(s, claimed.row, 1, list(range(n)), now).applied
                 rows = []
                 for i in range(n):
                     inst = engine.resolve_task(s, "mapped_fan_in", batch_id, "load", map_index=i)

@@ -245,7 +245,7 @@ def test_publisher_outage_raises_infrastructure_error_after_commit(
         router: Router, clock: FakeClock) -> None:
     """The batch is committed with its roots QUEUED, then the publish error propagates."""
     sync(router.sessions, spec_from_edges("o", {"t": []}), clock.now())
-    router.publisher = FailingPublisher()
+    router.dispatcher.publisher = FailingPublisher()
     with pytest.raises(InfrastructureError, match="Pub/Sub unavailable"):
         start(router, "o")
     assert status(router, "t")[0] == "QUEUED"
@@ -269,7 +269,7 @@ def test_a_worker_runs_the_child_it_queued_unless_continuation_is_off(
         continuation_s: float, deliveries: int) -> None:
     """A chain runs from one delivery: each SUCCESS claims the next task in its own
     transaction; with continuation off, every task is published and delivered."""
-    router.continuation_s = continuation_s
+    router.worker.continuation_s = continuation_s
     sync(router.sessions, spec_from_edges("chain", {"a": [], "b": ["a"], "c": ["b"], "d": ["c"]}),
          clock.now())
     start(router, "chain")

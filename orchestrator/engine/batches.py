@@ -18,7 +18,7 @@ from orchestrator.engine.dag import evaluate_ready
 from orchestrator.engine.events import event, record
 from orchestrator.engine.types import BatchFinished, Dispatch
 from orchestrator.errors import InvalidInput, NotFound
-from orchestrator.pipeline.spec import valid_batch_id
+from orchestrator.identifiers import valid_batch_id
 from orchestrator.status import FAILED, OPEN, BatchStatus, TaskStatus
 
 S = TaskStatus

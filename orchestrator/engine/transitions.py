@@ -15,10 +15,9 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator import concurrency, mapping
 from orchestrator.db.models import TaskLog, task_log_table
 from orchestrator.db.types import UTCDateTime
-from orchestrator.engine import catalog, lookup
+from orchestrator.engine import catalog, concurrency, expansion, lookup
 from orchestrator.engine.dag import KIND_OF, check_and_trigger_children
 from orchestrator.engine.events import event, record
 from orchestrator.engine.types import Claimed, Dispatch, Outcome, TaskRow
@@ -238,7 +237,7 @@ def _finish(
         # An instance's parent-in-waiting is its mapped task, counted down as a fan-in.
         record(session, [event(row.batch_pk, row.task_id, attempt, from_status, status, now,
                                _instance(row, detail))])
-        return mapping.instance_finished(session, row, status, now)
+        return expansion.instance_finished(session, row, status, now)
     promo = check_and_trigger_children(session, row.batch_pk, {KIND_OF[status]: [row.task_id]}, now)
     record(session, [event(row.batch_pk, row.task_id, attempt, from_status, status, now,
                            detail or None), *promo.events])

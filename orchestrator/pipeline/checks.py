@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from orchestrator import breaker, handlers
+from orchestrator import handlers
+from orchestrator.engine import breaker
 from orchestrator.pipeline.spec import PipelineSpec
 
 

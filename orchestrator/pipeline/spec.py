@@ -18,15 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import PipelineValidationError
+from orchestrator.identifiers import NAME_RE
 from orchestrator.status import TriggerRule
-
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,127}$")
-# Batch ids travel in messages, object paths and SQL parameters: keep them boring.
-BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-=:]{0,127}$")
-
-
-def valid_batch_id(value: str) -> bool:
-    return bool(BATCH_ID_RE.match(value)) and ".." not in value
 
 
 class _Frozen(BaseModel):

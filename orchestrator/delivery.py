@@ -1,0 +1,130 @@
+"""The delivery front: one Pub/Sub delivery (or one message of the local bus) in,
+typed, and handed to whoever handles its kind.
+
+Its contract with the edge (`functions/main.py`):
+
+- it returns normally for everything that is done *or can never succeed*
+  (malformed input, unknown names, duplicates, stale attempts): the edge acks;
+- it raises `InfrastructureError` only when the database or the publisher is
+  unreachable, so that Pub/Sub redelivers and the work happens later.
+
+A `start_batch` message starts its batch here; a `run_task` message goes to the
+worker; a dead letter (Pub/Sub gave up on a message) is folded into the task log
+so that its batch finishes instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator import engine, logs
+from orchestrator.db.session import transaction
+from orchestrator.dispatcher import Dispatcher, RouteResult
+from orchestrator.engine.types import Outcome, TaskRow
+from orchestrator.errors import InvalidInput
+from orchestrator.messages import RunTask, StartBatch, UnknownMessage, log_labels, parse_message
+from orchestrator.ports import Clock
+from orchestrator.status import TaskStatus
+from orchestrator.worker import Worker
+
+if TYPE_CHECKING:
+    from orchestrator.edge import PubSubDelivery
+
+# A dead letter may find its attempt still QUEUED (every delivery failed before the
+# claim) or RUNNING (the worker died mid-attempt, its lease not yet swept).
+DEAD_LETTER_FROM = (TaskStatus.QUEUED, TaskStatus.RUNNING)
+
+
+class DeliveryFront:
+    def __init__(self, sessions: sessionmaker[Session], dispatcher: Dispatcher, worker: Worker,
+                 clock: Clock):
+        self.sessions = sessions
+        self.dispatcher = dispatcher
+        self.worker = worker
+        self.clock = clock
+
+    def handle_payload(self, payload: bytes | str | dict[str, Any], **context: Any) -> RouteResult:
+        """Parse and route one message; malformed input is logged and acknowledged."""
+        try:
+            msg = parse_message(payload)
+        except InvalidInput as exc:
+            logs.warning(f"rejected message: {exc}", outcome="invalid", **context)
+            return RouteResult("invalid", str(exc))
+        return self.handle(msg, **context)
+
+    def deliver(self, delivery: PubSubDelivery) -> RouteResult:
+        """One Pub/Sub delivery, decoded at the edge: a dead letter is folded into the
+        task log, anything else is routed as a message."""
+        context = delivery.log_context()
+        count = delivery.dead_letter_count
+        if count is None:
+            return self.handle_payload(delivery.data, **context)
+        try:
+            msg = parse_message(delivery.data)
+        except InvalidInput as exc:
+            logs.warning(f"dead letter dropped: {exc}", outcome="invalid", **context)
+            return RouteResult("invalid", str(exc))
+        return self.dead_letter(msg, count, **context)
+
+    def dead_letter(self, msg: StartBatch | RunTask | UnknownMessage, delivery_count: int,
+                    **context: Any) -> RouteResult:
+        """Pub/Sub gave up on `msg`: its task, if still QUEUED or RUNNING under that
+        attempt, ends in ERROR now, so the batch finishes instead of waiting forever."""
+        labels = {**log_labels(msg), **context}
+        if not isinstance(msg, RunTask):
+            logs.error(f"dead letter of a {msg.type} message after {delivery_count} "
+                       "delivery attempts; nothing to record", outcome="dead_letter", **labels)
+            return RouteResult("ignored", f"dead-lettered {msg.type}")
+        error = f"dead-lettered after {delivery_count} delivery attempts"
+        now = self.clock.now()
+
+        def record(s: Session) -> tuple[TaskRow, Outcome]:
+            row = engine.resolve_task(s, msg.pipeline, msg.batch_id, msg.task, msg.map_index)
+            return row, engine.fail(s, row, msg.attempt, error, now, retry_delay_s=None,
+                                    from_states=DEAD_LETTER_FROM)
+
+        try:
+            row, outcome = transaction(self.sessions, record)
+        except InvalidInput as exc:
+            logs.warning(f"dead letter dropped: {exc}", outcome="invalid", **labels)
+            return RouteResult("invalid", str(exc))
+        if not outcome.applied:
+            logs.info(f"dead letter ignored: task already moved on ({outcome.reason})",
+                      outcome="duplicate", delivery_count=delivery_count, **labels)
+            return RouteResult("duplicate", outcome.reason)
+        self.dispatcher.after(outcome, row)
+        logs.error(f"task failed: {error}", outcome="failed", delivery_count=delivery_count,
+                   **labels)
+        return RouteResult("failed", error, published=len(outcome.queued))
+
+    def handle(self, msg: StartBatch | RunTask | UnknownMessage, **context: Any) -> RouteResult:
+        try:
+            if isinstance(msg, RunTask):
+                return self.worker.run_task(msg, **context)
+            if isinstance(msg, StartBatch):
+                return self.start_batch(msg, **context)
+            logs.warning(f"ignored message of unknown type {msg.type!r}", outcome="ignored",
+                         **context)
+            return RouteResult("ignored", f"unknown message type {msg.type!r}")
+        except InvalidInput as exc:
+            logs.warning(f"rejected {msg.type}: {exc}", outcome="invalid",
+                         **log_labels(msg), **context)
+            return RouteResult("invalid", str(exc))
+
+    def start_batch(self, msg: StartBatch, **context: Any) -> RouteResult:
+        labels = {**log_labels(msg), **context}
+        now = self.clock.now()
+        deadline = now + timedelta(seconds=msg.deadline_s) if msg.deadline_s else None
+        started = transaction(self.sessions, lambda s: engine.start_batch(
+            s, msg.pipeline, msg.batch_id, msg.params, now, deadline_at=deadline))
+        if not started.created:
+            logs.info("batch already exists", outcome="exists", **labels)
+            return RouteResult("exists")
+        self.dispatcher.publish(started.queued)
+        logs.info(f"batch started, {len(started.queued)} task(s) queued", outcome="started",
+                  **labels)
+        return RouteResult("started", published=len(started.queued))
+

@@ -1,0 +1,84 @@
+"""Storage triggers: a finalized object releases the task waiting for it.
+
+A task with a `gcs_trigger` starts its batch waiting for an object whose path
+names the batch (`sales/{batch_id}/_SUCCESS`). When such an object lands, its
+batch is started if it does not exist yet, and the waiting task is queued with
+the object as its input, in one transaction per matching task. A second event
+for the same object finds the task no longer waiting and is a logged duplicate.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator import engine, logs
+from orchestrator.db.models import Pipeline, Task
+from orchestrator.db.session import transaction
+from orchestrator.dispatcher import Dispatcher, RouteResult
+from orchestrator.engine.types import Outcome
+from orchestrator.errors import InvalidInput
+from orchestrator.pipeline.spec import GcsTrigger
+from orchestrator.ports import Clock
+from orchestrator.storage_events import StorageObject
+
+
+class StorageTriggers:
+    def __init__(self, sessions: sessionmaker[Session], dispatcher: Dispatcher, clock: Clock):
+        self.sessions = sessions
+        self.dispatcher = dispatcher
+        self.clock = clock
+
+    def object_finalized(self, obj: StorageObject) -> RouteResult:
+        """A file landed: start its batch if needed and release the task waiting for it."""
+        matches = transaction(self.sessions, lambda s: matching_triggers(s, obj))
+        if not matches:
+            logs.info(f"no pipeline trigger matches {obj.uri}", outcome="ignored")
+            return RouteResult("ignored", f"no trigger matches {obj.uri}")
+        now = self.clock.now()
+        published = 0
+        outcomes = []
+        for pipeline, task, batch_id in matches:
+            labels = {"pipeline": pipeline, "batch_id": batch_id, "task": task}
+
+            def release(s: Session, pipeline: str = pipeline, task: str = task,
+                        batch_id: str = batch_id) -> tuple[engine.Started, Outcome]:
+                started = engine.start_batch(s, pipeline, batch_id, {}, now)
+                row = engine.resolve_task(s, pipeline, batch_id, task)
+                return started, engine.release_waiting_root(s, row, obj.as_trigger(), now)
+
+            try:
+                started, released = transaction(self.sessions, release)
+            except InvalidInput as exc:
+                logs.warning(f"cannot start from {obj.uri}: {exc}", outcome="invalid", **labels)
+                outcomes.append("invalid")
+                continue
+            queued = [*started.queued, *released.queued]
+            self.dispatcher.publish(queued)
+            published += len(queued)
+            if released.applied:
+                logs.info(f"file {obj.uri} arrived; task queued", outcome="queued", **labels)
+                outcomes.append("queued")
+            else:
+                logs.info(f"file {obj.uri} arrived but {released.reason}", outcome="duplicate",
+                          **labels)
+                outcomes.append("duplicate")
+        best = "queued" if "queued" in outcomes else (outcomes[0] if outcomes else "ignored")
+        return RouteResult(best, published=published)
+
+
+def matching_triggers(session: Session, obj: StorageObject) -> list[tuple[str, str, str]]:
+    """(pipeline, task, batch_id) for every current task whose GCS trigger matches."""
+    rows = session.execute(
+        select(Pipeline.name, Task.name, Task.gcs_bucket, Task.gcs_pattern)
+        .join(Task, (Task.pipeline_id == Pipeline.id) & (Task.version == Pipeline.version))
+        .where(Task.gcs_bucket == obj.bucket)
+    ).all()
+    out = []
+    for pipeline, task, bucket, pattern in rows:
+        if bucket is None or pattern is None:
+            continue
+        batch_id = GcsTrigger(bucket=bucket, pattern=pattern).match(obj.bucket, obj.name)
+        if batch_id is not None:
+            out.append((pipeline, task, batch_id))
+    return out
