@@ -5,6 +5,9 @@ returns (acknowledge) or raises (ask for redelivery). Only transient
 infrastructure failures raise (`InfrastructureError`: the database or Pub/Sub is
 unreachable); malformed input is logged and acknowledged, because redelivering
 it could never succeed.
+
+`route` is an HTTP function that reads Pub/Sub's push itself (see
+`orchestrator.edge`): a 2xx acknowledges, a 5xx asks for redelivery.
 """
 
 from __future__ import annotations
@@ -16,21 +19,28 @@ import functions_framework
 
 from orchestrator import bootstrap, edge, logs
 from orchestrator.errors import InfrastructureError, InvalidInput, NotFound
+from orchestrator.names import NameMap
 from orchestrator.settings import get_settings
 
 logs.configure(get_settings().log_format)
 
 
-@functions_framework.cloud_event
-def route(cloud_event: Any) -> None:
-    """A Pub/Sub message (tasks topic or dead letters): start a batch or run a task."""
+@functions_framework.http
+def route(request: Any) -> tuple[str, int]:
+    """A Pub/Sub push (tasks topic or dead letters): start a batch or run a task."""
+    if request.method != "POST":
+        return f"method {request.method} not allowed; Pub/Sub pushes with POST", 405
+    body = request.get_data(cache=False)
     try:
-        delivery = edge.pubsub_delivery(cloud_event)
-    except InvalidInput as exc:
-        logs.warning(f"rejected event: {exc}", outcome="invalid", **edge.describe(cloud_event))
-        return
+        delivery = edge.pubsub_push(request.headers, body, request.path)
+    except edge.InvalidEvent as exc:
+        logs.warning(f"rejected event: {exc}", outcome="invalid",
+                     **edge.describe_push(request.headers, request.path, len(body)),
+                     **exc.context)
+        return "OK", 200
     bootstrap.router().deliver(delivery)
     _relay_events(skip_if_busy=True)
+    return "OK", 200
 
 
 def _relay_events(*, skip_if_busy: bool) -> None:
@@ -50,7 +60,9 @@ def on_object_finalized(cloud_event: Any) -> None:
     except InvalidInput as exc:
         logs.warning(f"rejected event: {exc}", outcome="invalid", **edge.describe(cloud_event))
         return
-    bootstrap.router().object_finalized(obj)
+    rt = bootstrap.runtime()
+    # Pipelines name the bucket logically; the event carries its real name.
+    rt.router.object_finalized(NameMap.from_settings(rt.settings).logical_object(obj))
     _relay_events(skip_if_busy=True)
 
 

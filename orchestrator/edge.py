@@ -1,12 +1,18 @@
-"""CloudEvents in, frozen typed objects out: the only code that reads `cloud_event.data`.
+"""Deliveries in, frozen typed objects out: the only code that reads an event's body.
 
-Pub/Sub reaches `route` as a `google.cloud.pubsub.topic.v1.messagePublished`
-CloudEvent, in binary mode (attributes in `ce-*` headers, the envelope as the
-body) or structured mode (one JSON document); a raw push envelope is converted
-to the same shape by functions-framework. GCS reaches `on_object_finalized` as
-`google.cloud.storage.object.v1.finalized`. Anything that cannot be decoded
-raises `InvalidEvent`, which the entry point logs and acknowledges: a delivery
-that is malformed now will be malformed on every redelivery too.
+Pub/Sub reaches `route` over HTTP. Terraform's push subscriptions send Pub/Sub's own
+push body (`{"message": …, "subscription": …, "deliveryAttempt": …}`, the topic in
+the endpoint's path); an Eventarc Pub/Sub trigger would send a
+`google.cloud.pubsub.topic.v1.messagePublished` CloudEvent instead, in binary mode
+(attributes in `ce-*` headers, the envelope as the body) or structured mode (one
+JSON document). `pubsub_push` reads all three from the raw request, so nothing is
+lost on the way (functions-framework's own conversion of a raw push drops
+`deliveryAttempt`, answers 400 to a message without `data` and 500 to JSON nested
+deeper than Python's recursion limit, each of which Pub/Sub would redeliver until it
+gives up). GCS reaches `on_object_finalized` as
+`google.cloud.storage.object.v1.finalized`. Anything that cannot be decoded raises
+`InvalidEvent`, which the entry point logs and acknowledges: a delivery that is
+malformed now will be malformed on every redelivery too.
 """
 
 from __future__ import annotations
@@ -30,12 +36,19 @@ DEAD_LETTER_COUNT_ATTRIBUTE = "CloudPubSubDeadLetterSourceDeliveryCount"
 DEAD_LETTER_TOPIC_SUFFIX = "dead-letter"
 # Pub/Sub's own limit is 10 MB; a task message is a few hundred bytes.
 MAX_DATA_BYTES = 1_000_000
+# The base64 of the largest accepted message, plus the envelope around it.
+MAX_BODY_BYTES = (MAX_DATA_BYTES * 4) // 3 + 65_536
 
 _TOPIC_RE = re.compile(r"projects/([^/]+)/topics/([^/?#]+)")
 
 
 class InvalidEvent(InvalidInput):
-    """A CloudEvent that cannot be decoded into a delivery or a storage object."""
+    """A delivery that cannot be decoded into a Pub/Sub message or a storage object;
+    `context` says what it was (message id, subscription, attributes), for the log."""
+
+    def __init__(self, message: str, context: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.context = dict(context or {})
 
 
 class PubSubDelivery(BaseModel):
@@ -77,24 +90,35 @@ def _attr(event: Any, name: str) -> Any:
         return None
 
 
-def _event_data(event: Any) -> Any:
-    data = getattr(event, "data", None)
-    if isinstance(data, bytes | bytearray | str):
-        # Binary mode with a body that cloudevents could not read as JSON.
-        raw = bytes(data, "utf-8") if isinstance(data, str) else bytes(data)
-        if len(raw) > 2 * MAX_DATA_BYTES:
-            raise InvalidEvent(f"event body of {len(raw)} bytes is too large")
-        try:
-            data = json.loads(raw)
-        except UnicodeDecodeError as exc:
-            raise InvalidEvent(f"event body is not valid UTF-8 at byte {exc.start}") from exc
-        except json.JSONDecodeError as exc:
-            raise InvalidEvent(f"event body is not JSON: {exc.msg} at position {exc.pos}") from exc
+def _json_document(raw: bytes | bytearray | str, what: str = "event body") -> Any:
+    """JSON text -> a value, with every way it can fail as `InvalidEvent`."""
+    raw = bytes(raw, "utf-8") if isinstance(raw, str) else bytes(raw)
+    if len(raw) > MAX_BODY_BYTES:
+        raise InvalidEvent(f"{what} of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"{what} is not valid UTF-8 at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidEvent(f"{what} is not JSON: {exc.msg} at position {exc.pos}") from exc
+    except RecursionError:
+        raise InvalidEvent(f"{what} is nested too deeply to be a message") from None
+
+
+def _object_data(data: Any) -> dict[str, Any]:
     if data is None:
         raise InvalidEvent("event has no data")
     if not isinstance(data, dict):
         raise InvalidEvent(f"event data must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def _event_data(event: Any) -> dict[str, Any]:
+    data = getattr(event, "data", None)
+    if isinstance(data, bytes | bytearray | str):
+        # Binary mode with a body that cloudevents could not read as JSON.
+        data = _json_document(data)
+    return _object_data(data)
 
 
 def decode_base64(value: Any, what: str = "message.data") -> bytes:
@@ -118,41 +142,77 @@ def pubsub_delivery(event: Any) -> PubSubDelivery:
     kind = _attr(event, "type")
     if kind != PUBSUB_PUBLISHED:
         raise InvalidEvent(f"unexpected event type {kind!r} (expected {PUBSUB_PUBLISHED})")
-    data = _event_data(event)
+    return _delivery(_event_data(event), str(_attr(event, "source") or ""), _attr(event, "id"))
+
+
+def pubsub_push(headers: Mapping[str, str], body: bytes, path: str = "") -> PubSubDelivery:
+    """One HTTP request to `route` -> `PubSubDelivery`: Pub/Sub's own push (the topic
+    taken from the endpoint's path `…/projects/P/topics/T`), or a messagePublished
+    CloudEvent in binary or structured mode."""
+    lower = {str(k).lower(): str(v) for k, v in headers.items()}
+    if "ce-type" in lower or "ce-specversion" in lower:
+        kind = lower.get("ce-type")
+        if kind != PUBSUB_PUBLISHED:
+            raise InvalidEvent(f"unexpected event type {kind!r} (expected {PUBSUB_PUBLISHED})")
+        data = _object_data(_json_document(body))
+        return _delivery(data, lower.get("ce-source", ""), lower.get("ce-id"))
+    if lower.get("content-type", "").startswith("application/cloudevents+json"):
+        event = _object_data(_json_document(body, "event"))
+        if event.get("type") != PUBSUB_PUBLISHED:
+            raise InvalidEvent(f"unexpected event type {event.get('type')!r} "
+                               f"(expected {PUBSUB_PUBLISHED})")
+        data = event.get("data")
+        if data is None and isinstance(event.get("data_base64"), str):
+            data = _json_document(decode_base64(event["data_base64"], "data_base64"))
+        return _delivery(_object_data(data), str(event.get("source") or ""), event.get("id"))
+    envelope = _object_data(_json_document(body, "push body"))
+    match = _TOPIC_RE.search(path or "")
+    source = f"//pubsub.googleapis.com/{match.group(0)}" if match else ""
+    return _delivery(envelope, source, None)
+
+
+def _delivery(data: dict[str, Any], source: str, event_id: Any) -> PubSubDelivery:
+    """The push envelope (`message`, `subscription`, `deliveryAttempt`) -> `PubSubDelivery`."""
     message = data.get("message")
     if not isinstance(message, dict):
         raise InvalidEvent("event data has no 'message' object")
-    if "data" not in message:
-        raise InvalidEvent("message has no 'data'")
-    payload = decode_base64(message.get("data"))
+    subscription = data.get("subscription")
     attributes = message.get("attributes") or {}
+    context: dict[str, Any] = {
+        "message_id": str(message.get("messageId", message.get("message_id")) or event_id or ""),
+        "subscription": subscription if isinstance(subscription, str) else None,
+        "delivery_attempt": data.get("deliveryAttempt", message.get("deliveryAttempt")),
+    }
     if not isinstance(attributes, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
     ):
-        raise InvalidEvent("message.attributes must map strings to strings")
-    message_id = message.get("messageId", message.get("message_id")) or _attr(event, "id")
-    attempt = data.get("deliveryAttempt", message.get("deliveryAttempt"))
+        raise InvalidEvent("message.attributes must map strings to strings", context)
+    context["attributes"] = {k: v[:200] for k, v in list(attributes.items())[:20]}
+    if "data" not in message:
+        # Pub/Sub allows a message of attributes alone; no command is one.
+        raise InvalidEvent("message has no 'data' (attributes only)", context)
+    payload = decode_base64(message.get("data"))
+    attempt = context["delivery_attempt"]
     if attempt is not None:
         try:
             attempt = int(attempt)
         except (TypeError, ValueError):
-            raise InvalidEvent(f"deliveryAttempt must be an integer, got {attempt!r}") from None
-    source = str(_attr(event, "source") or "")
+            raise InvalidEvent(f"deliveryAttempt must be an integer, got {attempt!r}",
+                               context) from None
     match = _TOPIC_RE.search(source)
-    subscription = data.get("subscription")
     try:
         return PubSubDelivery(
-            message_id=str(message_id or ""),
+            message_id=context["message_id"],
             data=payload,
             attributes=attributes,
             delivery_attempt=attempt,
             publish_time=message.get("publishTime", message.get("publish_time")),
             source=source,
             topic=match.group(2) if match else None,
-            subscription=subscription if isinstance(subscription, str) else None,
+            subscription=context["subscription"],
         )
     except ValidationError as exc:
-        raise InvalidEvent(f"invalid Pub/Sub message: {_problems(exc)}") from exc
+        raise InvalidEvent(f"invalid Pub/Sub message: {_problems(exc)}", context) from exc
 
 
 def storage_object(event: Any) -> StorageObject:
@@ -180,6 +240,13 @@ def describe(event: Any) -> dict[str, Any]:
     """Who sent a rejected event, for its log line (never its payload)."""
     return {"event_id": _attr(event, "id"), "event_type": _attr(event, "type"),
             "event_source": _attr(event, "source")}
+
+
+def describe_push(headers: Mapping[str, str], path: str, size: int) -> dict[str, Any]:
+    """Where a rejected push came from, for its log line (never its payload)."""
+    lower = {str(k).lower(): str(v) for k, v in headers.items()}
+    return {"event_id": lower.get("ce-id"), "event_type": lower.get("ce-type"),
+            "event_source": lower.get("ce-source") or path, "body_bytes": size}
 
 
 def _problems(exc: ValidationError) -> str:

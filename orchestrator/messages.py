@@ -70,6 +70,8 @@ def parse_message(payload: bytes | str | dict[str, Any]) -> Message | UnknownMes
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"message is not JSON: {exc.msg} at position {exc.pos}") from exc
+        except RecursionError:
+            raise InvalidInput("message is nested too deeply to be a command") from None
     else:
         data = payload
     if not isinstance(data, dict):
