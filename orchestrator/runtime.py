@@ -25,6 +25,7 @@ from orchestrator.db.models import Batch, Pipeline
 from orchestrator.db.session import make_engine, make_sessionmaker, transaction
 from orchestrator.engine.types import BatchFinished
 from orchestrator.event_stream import Callback, EventHub, Subscription, relay_once
+from orchestrator.names import NameMap
 from orchestrator.pipeline.spec import PipelineSpec, load_pipelines
 from orchestrator.pipeline.sync import SyncResult, sync_pipeline
 from orchestrator.ports import Clock, ObjectStore, Publisher, SystemClock, Warehouse
@@ -55,7 +56,8 @@ def make_warehouse(settings: Settings) -> Warehouse:
 
         return BigQueryWarehouse(project=settings.gcp_project, default_dataset=settings.bq_dataset,
                                  location=settings.bq_location,
-                                 partition_decorators=settings.bq_partition_decorators)
+                                 partition_decorators=settings.bq_partition_decorators,
+                                 names=NameMap.from_settings(settings))
     from orchestrator.adapters.local.warehouse import DuckDBWarehouse
 
     return DuckDBWarehouse(settings.home / "warehouse.duckdb",
@@ -66,7 +68,7 @@ def make_object_store(settings: Settings) -> ObjectStore:
     if settings.object_store == "gcs":
         from orchestrator.adapters.gcp.storage import GcsObjectStore
 
-        return GcsObjectStore(project=settings.gcp_project)
+        return GcsObjectStore(project=settings.gcp_project, names=NameMap.from_settings(settings))
     from orchestrator.adapters.local.object_store import LocalObjectStore
 
     return LocalObjectStore(settings.home / "buckets")

@@ -1,51 +1,129 @@
-"""Settings from the environment only (`ORCHESTRATOR_*`, `DATABASE_URL`)."""
+"""Settings from the environment only (`ORCHESTRATOR_*`, `DATABASE_URL`).
+
+Every setting says what the deployed functions and job need of it (`cloud=` in its
+field): `DEPLOYED` means the deployment must set it (terraform does, a test checks),
+a value means it must be set to exactly that, `DEFAULT` means the default is right in
+the cloud too, and `LOCAL` means only the embedded runtime reads it.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 HOME_DIR = Path(".orchestrator")
+
+DEPLOYED = "deployed"
+DEFAULT = "default"
+LOCAL = "local"
+
+# GCS bucket names; BigQuery dataset ids (letters, digits, underscores).
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$")
+_DATASET_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,1023}$")
+
+
+def cloud(need: Any) -> dict[str, Any]:
+    """The `json_schema_extra` that records what the cloud needs of a setting."""
+    return {"cloud": need}
+
+
+def cloud_need(field: Any) -> Any:
+    """What the cloud needs of a field (DEPLOYED, DEFAULT, LOCAL or a value); None if unsaid."""
+    extra = field.json_schema_extra
+    return extra.get("cloud") if isinstance(extra, dict) else None
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore")
 
-    home: Path = Field(default=HOME_DIR, description="Folder of the embedded runtime's state.")
+    home: Path = Field(default=HOME_DIR, description="Folder of the embedded runtime's state.",
+                       json_schema_extra=cloud(LOCAL))
     database_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("DATABASE_URL", "ORCHESTRATOR_DATABASE_URL"),
         description="SQLAlchemy URL; default: a SQLite file under `home`.",
+        json_schema_extra=cloud(DEPLOYED),
     )
     # Kept out of DATABASE_URL so that it can be mounted from Secret Manager.
-    db_password: str | None = None
-    db_pool_size: int = 2
-    db_max_overflow: int = 0
-    db_pool_timeout_s: float = 10.0
+    db_password: str | None = Field(default=None, json_schema_extra=cloud(DEPLOYED))
+    # The deployment's connection budget is computed from these two.
+    db_pool_size: int = Field(default=2, json_schema_extra=cloud(DEPLOYED))
+    db_max_overflow: int = Field(default=0, json_schema_extra=cloud(DEPLOYED))
+    db_pool_timeout_s: float = Field(default=10.0, json_schema_extra=cloud(DEFAULT))
 
-    gcp_project: str | None = None
-    tasks_topic: str = "tasks"
-    events_topic: str = "batch-events"
-    pipelines_dir: Path = Path("pipelines")
-    warehouse: str = "local"  # "local" (DuckDB) or "bigquery"
-    bq_dataset: str | None = None
-    bq_location: str | None = None
+    gcp_project: str | None = Field(default=None, json_schema_extra=cloud(DEPLOYED))
+    tasks_topic: str = Field(default="tasks", json_schema_extra=cloud(DEPLOYED))
+    events_topic: str = Field(default="batch-events", json_schema_extra=cloud(DEPLOYED))
+    # Relative to the working directory: the source root in a function, /app in the job.
+    pipelines_dir: Path = Field(default=Path("pipelines"), json_schema_extra=cloud(DEPLOYED))
+    warehouse: str = Field(default="local", description='"local" (DuckDB) or "bigquery".',
+                           json_schema_extra=cloud("bigquery"))
+    # The dataset of table names without one (`sales`), as pipelines name it.
+    bq_dataset: str | None = Field(default=None, json_schema_extra=cloud(DEPLOYED))
+    # A job in a regional dataset is found only with its location.
+    bq_location: str | None = Field(default=None, json_schema_extra=cloud(DEPLOYED))
     # `table$YYYYMM` partition decorators; bqemulator has none (partitions emptied by DELETE).
-    bq_partition_decorators: bool = True
-    object_store: str = "local"  # "local" (a folder of buckets) or "gcs"
-    log_format: str = "text"  # "text" locally, "json" for Cloud Logging
+    bq_partition_decorators: bool = Field(default=True, json_schema_extra=cloud(DEFAULT))
+    object_store: str = Field(default="local", description='"local" (a folder of buckets) or "gcs".',
+                              json_schema_extra=cloud("gcs"))
+    # Pipelines name buckets and datasets logically (`gs://landing/…`, `analytics.sales`);
+    # these map a logical name to the real one. A name not listed is its own real name.
+    buckets: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict,
+                                                         json_schema_extra=cloud(DEPLOYED))
+    datasets: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict,
+                                                          json_schema_extra=cloud(DEPLOYED))
+    log_format: str = Field(default="text", description='"text" locally, "json" for Cloud Logging.',
+                            json_schema_extra=cloud("json"))
 
     # Sweeper: a QUEUED task nobody claimed within this grace is published again.
-    redispatch_after_s: float = 60.0
+    redispatch_after_s: float = Field(default=60.0, json_schema_extra=cloud(DEFAULT))
     # Cap on RUNNING attempts of a task that sets no `concurrency` (None: unlimited).
-    default_concurrency: int | None = Field(default=None, ge=1)
-    workers: int = 4
+    default_concurrency: int | None = Field(default=None, ge=1, json_schema_extra=cloud(DEFAULT))
+    workers: int = Field(default=4, json_schema_extra=cloud(LOCAL))
     # A worker that finishes a task runs one of the children it just queued itself,
     # for up to this long per delivery (0 turns it off): no publish, no second hop.
-    continuation_s: float = 30.0
+    continuation_s: float = Field(default=30.0, json_schema_extra=cloud(DEFAULT))
+
+    @field_validator("buckets", "datasets", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        # An empty variable means "no mapping", not a JSON error.
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a JSON object of names: {exc.msg}") from exc
+        return value
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in (*value, *value.values()):
+            if not _BUCKET_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid bucket name")
+        # A finalized object's real bucket must lead back to exactly one logical name.
+        seen: dict[str, str] = {}
+        for logical, real in value.items():
+            if real in seen:
+                raise ValueError(f"{seen[real]!r} and {logical!r} both map to bucket {real!r}")
+            seen[real] = logical
+        return value
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in (*value, *value.values()):
+            if not _DATASET_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid dataset name")
+        return value
 
     def resolved_database_url(self) -> str:
         if self.database_url is None:
@@ -61,6 +139,19 @@ class Settings(BaseSettings):
                 hide_password=False
             )
         return url
+
+
+def environment_name(settings_class: type[BaseSettings], field_name: str) -> str:
+    """The environment variable a setting is read from (its alias, or prefix + NAME)."""
+    field = settings_class.model_fields[field_name]
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        return str(first)
+    if isinstance(alias, str):
+        return alias
+    prefix = settings_class.model_config.get("env_prefix") or ""
+    return f"{prefix}{field_name}".upper()
 
 
 @lru_cache(maxsize=1)

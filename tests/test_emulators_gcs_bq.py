@@ -112,3 +112,37 @@ def test_the_same_pipeline_gives_identical_rows_on_duckdb_and_bqemulator(bq, lan
         assert may == write_monthly_files(tmp_path / "scratch", "2024-05", seed=8)
     finally:
         local.close()
+
+
+def test_the_example_runs_unchanged_on_buckets_and_datasets_with_other_real_names(
+        bq_emulator, gcs_emulator, landing):  # noqa: F811
+    """`gs://landing/…` and `analytics.*` in the pipeline, `<project>-orch-landing` and
+    `orch_analytics` in the cloud: the adapters translate, the file stays as it is."""
+    from orchestrator.adapters.gcp.storage import GcsObjectStore
+    from orchestrator.names import NameMap
+
+    names = NameMap(buckets={"landing": "test-project-orch-landing"},
+                    datasets={"analytics": "orch_analytics"})
+    gcs_emulator.ensure_bucket("test-project-orch-landing")
+    bq_emulator.ensure_dataset("orch_analytics")
+    store = GcsObjectStore(gcs_emulator.project, client=gcs_emulator.client(), names=names)
+    expected = write_monthly_files(store, "2024-09", seed=21)
+    real = sorted(b.name for b in gcs_emulator.client().list_blobs(
+        "test-project-orch-landing", prefix="sales/2024-09/"))
+    assert real == ["sales/2024-09/_SUCCESS", "sales/2024-09/part-000.parquet",
+                    "sales/2024-09/part-001.parquet"]
+    assert store.list("gs://landing/sales/2024-09/") == [f"gs://landing/{n}" for n in real]
+    assert not landing.exists("gs://landing/sales/2024-09/_SUCCESS")
+
+    spec = prepare_spec(load_pipeline(EXAMPLE))
+    out = run_pipeline(spec, bq_emulator.warehouse("analytics", names=names), "2024-09")
+    assert out["load_sales"]["table"] == "analytics.sales"
+    assert out["calculate_profit"]["destination"] == "analytics.profit"
+    mapped = bq_emulator.warehouse("analytics", names=names)
+    rows = mapped.fetch(PROFIT_SQL + "WHERE month = @m ORDER BY region",
+                        {"m": expected[0]["month"]})
+    assert rows == expected
+    direct = bq_emulator.warehouse("orch_analytics").fetch(
+        "SELECT COUNT(*) AS n FROM orch_analytics.profit WHERE month = @m",
+        {"m": expected[0]["month"]})
+    assert direct == [{"n": len(expected)}]

@@ -22,6 +22,7 @@ from typing import Any
 from orchestrator.errors import PermanentError, RetryableError
 from orchestrator.handlers import _sql
 from orchestrator.identifiers import TableRef, check_identifier, parse_table, safe_job_id
+from orchestrator.names import NameMap
 from orchestrator.ports import WRITE_MODES, Column, JobState, LoadResult, Partition, QueryResult
 
 DISPOSITIONS = {
@@ -336,9 +337,15 @@ class BigQueryWarehouse:
         job_timeout_s: float = 3600.0,
         partition_decorators: bool = True,
         poll_interval_s: float = 2.0,
+        names: NameMap | None = None,
     ):
         self._project = project
-        self.default_dataset = check_identifier(default_dataset or "analytics", "dataset name")
+        # Pipelines name datasets logically; jobs run against the real datasets.
+        self.names = names or NameMap()
+        self.logical_default_dataset = check_identifier(default_dataset or "analytics",
+                                                        "dataset name")
+        self.default_dataset = check_identifier(
+            self.names.real_dataset(self.logical_default_dataset), "dataset name")
         self.location = location
         self._client = client
         self._client_options = dict(client_options) if client_options else None
@@ -376,8 +383,17 @@ class BigQueryWarehouse:
     def project(self) -> str:
         return self._project or str(self.client.project)
 
+    def _logical_ref(self, table: str) -> TableRef:
+        return parse_table(table, self.logical_default_dataset)
+
     def _ref(self, table: str) -> TableRef:
-        return parse_table(table, self.default_dataset)
+        """The real table a pipeline's `dataset.table` names (a project makes it real already)."""
+        ref = self._logical_ref(table)
+        if ref.project is not None:
+            return ref
+        return TableRef(dataset=check_identifier(self.names.real_dataset(ref.dataset),
+                                                 "dataset name"),
+                        table=ref.table)
 
     # -- jobs -----------------------------------------------------------------------
 
@@ -463,12 +479,13 @@ class BigQueryWarehouse:
         is_active: Callable[[], bool] | None = None,
     ) -> LoadResult:
         ref = self._ref(table)
-        specs = plan_load(uris, ref, project=self.project, write=write, partition=partition,
-                          schema=schema, allow_field_addition=allow_field_addition,
-                          job_id=job_id, use_decorator=self.partition_decorators)
+        specs = plan_load([self.names.real_uri(u) for u in uris], ref, project=self.project,
+                          write=write, partition=partition, schema=schema,
+                          allow_field_addition=allow_field_addition, job_id=job_id,
+                          use_decorator=self.partition_decorators)
         job = self._execute(specs, is_active)
         return LoadResult(job_id=job.job_id, rows_loaded=int(job.output_rows or 0),
-                          table=ref.name)
+                          table=self._logical_ref(table).name)
 
     def run_query(
         self,
@@ -482,7 +499,7 @@ class BigQueryWarehouse:
         is_active: Callable[[], bool] | None = None,
     ) -> QueryResult:
         ref = self._ref(destination) if destination else None
-        specs = plan_query(sql, params, project=self.project,
+        specs = plan_query(self.names.rewrite_sql(sql), params, project=self.project,
                            default_dataset=self.default_dataset, destination=ref, write=write,
                            partition=partition, job_id=job_id,
                            use_decorator=self.partition_decorators)
@@ -491,7 +508,8 @@ class BigQueryWarehouse:
         if rows is None:
             rows = job.result(timeout=self.job_timeout_s).total_rows or 0
         return QueryResult(job_id=job.job_id, rows_affected=int(rows),
-                           destination=ref.name if ref else None)
+                           destination=self._logical_ref(destination).name if destination
+                           else None)
 
     def _exists(self, table_id: str) -> bool:
         from google.api_core import exceptions as gexc
@@ -513,6 +531,7 @@ class BigQueryWarehouse:
     def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         from google.cloud import bigquery
 
+        sql = self.names.rewrite_sql(sql)
         config = query_job_config({k: v for k, v in (params or {}).items()
                                    if k in _sql.parameter_names(sql)},
                                   project=self.project, default_dataset=self.default_dataset)

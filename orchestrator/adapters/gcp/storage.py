@@ -1,8 +1,9 @@
 """Google Cloud Storage as the object store.
 
-The client honours `STORAGE_EMULATOR_HOST` by itself; `client_options` is for
-pointing at an endpoint explicitly (tests). Imported lazily, like every Google
-client here.
+URIs in and out name buckets logically (`gs://landing/…`); `names` maps them to
+the real buckets. The client honours `STORAGE_EMULATOR_HOST` by itself;
+`client_options` is for pointing at an endpoint explicitly (tests). Imported
+lazily, like every Google client here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from orchestrator.adapters.local.object_store import split_uri
 from orchestrator.errors import PermanentError, RetryableError
+from orchestrator.names import NameMap
 
 
 class GcsObjectStore:
@@ -23,8 +25,10 @@ class GcsObjectStore:
         client_options: Mapping[str, Any] | None = None,
         credentials: Any = None,
         timeout_s: float = 60.0,
+        names: NameMap | None = None,
     ):
         self._project = project
+        self.names = names or NameMap()
         self._client = client
         self._client_options = dict(client_options) if client_options else None
         self._credentials = credentials
@@ -42,16 +46,17 @@ class GcsObjectStore:
         return self._client
 
     def _blob(self, uri: str) -> Any:
-        bucket, name = split_uri(uri)
+        bucket, name = split_uri(self.names.real_uri(uri))
         if not name:
             raise PermanentError(f"{uri!r} names a bucket, not an object")
         return self.client.bucket(bucket).blob(name)
 
     def list(self, uri_prefix: str) -> list[str]:
-        bucket, prefix = split_uri(uri_prefix)
+        logical, prefix = split_uri(uri_prefix)
         try:
-            blobs = self.client.list_blobs(bucket, prefix=prefix or None, timeout=self.timeout_s)
-            return sorted(f"gs://{bucket}/{b.name}" for b in blobs)
+            blobs = self.client.list_blobs(self.names.real_bucket(logical), prefix=prefix or None,
+                                           timeout=self.timeout_s)
+            return sorted(f"gs://{logical}/{b.name}" for b in blobs)
         except Exception as exc:
             raise _translate(exc, uri_prefix) from exc
 
@@ -75,9 +80,9 @@ class GcsObjectStore:
 
     def generation(self, uri: str) -> int | None:
         """The object's current generation (for job ids that follow a re-upload)."""
+        bucket, name = split_uri(self.names.real_uri(uri))
         try:
-            blob = self.client.bucket(split_uri(uri)[0]).get_blob(
-                split_uri(uri)[1], timeout=self.timeout_s)
+            blob = self.client.bucket(bucket).get_blob(name, timeout=self.timeout_s)
         except Exception as exc:
             raise _translate(exc, uri) from exc
         return None if blob is None else int(blob.generation)
