@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
-from orchestrator.settings import Settings
+from pydantic import Field
+
+from orchestrator.settings import Settings, cloud
 
 if TYPE_CHECKING:
     from orchestrator.router import Router
@@ -22,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class BootstrapSettings(Settings):
-    runtime: Literal["cloud", "embedded"] | None = None
+    runtime: Literal["cloud", "embedded"] | None = Field(default=None,
+                                                         json_schema_extra=cloud("cloud"))
 
     def runtime_kind(self) -> str:
         if self.runtime is not None:

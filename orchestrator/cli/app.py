@@ -133,6 +133,50 @@ def db_upgrade() -> None:
     out.print(f"database {db_label(s)} is up to date")
 
 
+@app.command("deploy")
+@handle_errors
+def deploy(
+    path: Annotated[Path | None, typer.Argument(
+        help="The folder of pipelines (default: ORCHESTRATOR_PIPELINES_DIR, `pipelines/`).")] = None,
+) -> None:
+    """Migrate the metadata database, then store every pipeline of the folder: what the
+    deployment's job runs on every `terraform apply` that changed the source.
+
+    Every pipeline is checked before anything is written; a bad one changes nothing.
+    At most ORCHESTRATOR_DB_POOL_SIZE + ORCHESTRATOR_DB_MAX_OVERFLOW connections are
+    open at once, the share of the connection budget the deployment gives the job.
+
+    Example: [bold]orchestrator deploy pipelines/[/bold]
+    """
+    from orchestrator.db import migrate
+    from orchestrator.db.session import make_engine, make_sessionmaker, transaction
+    from orchestrator.pipeline.checks import prepare_spec
+    from orchestrator.pipeline.spec import load_pipelines
+    from orchestrator.pipeline.sync import sync_pipeline
+    from orchestrator.ports import SystemClock
+
+    s = settings()
+    target = path or s.pipelines_dir
+    if not target.is_dir():
+        raise FileNotFoundError(2, "no such folder of pipelines", str(target))
+    specs = [prepare_spec(spec) for spec in load_pipelines(target)]
+    engine = make_engine(s.resolved_database_url(), pool_size=max(1, s.db_pool_size),
+                         max_overflow=s.db_max_overflow, pool_timeout=s.db_pool_timeout_s)
+    try:
+        migrate.upgrade(engine)
+        now = SystemClock().now()
+        results = transaction(make_sessionmaker(engine),
+                              lambda session: [sync_pipeline(session, spec, now) for spec in specs])
+    finally:
+        engine.dispose()
+    out.print(f"database {db_label(s)} is up to date")
+    if not results:
+        out.print(f"no *.yaml pipeline files in {target}")
+    for r in results:
+        what = f"synced (version {r.version})" if r.changed else f"unchanged (version {r.version})"
+        out.print(f"{r.name}: {what}")
+
+
 # -- pipelines ----------------------------------------------------------------------------
 
 
