@@ -57,3 +57,15 @@ emulators-venv:
 .PHONY: e2e
 e2e: install postgres
 	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/pytest -q -m emulator
+
+# The deployment rehearsed from terraform itself: the function source installed as the
+# buildpack installs it, the deployment job, the four functions, terraform's topics,
+# subscriptions, buckets and datasets on the emulators (tests/test_rehearsal.py).
+.PHONY: rehearse
+rehearse: install postgres
+	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/pytest -q tests/test_rehearsal.py
+
+# The function source archive exactly as terraform builds it (terraform/.build/).
+.PHONY: function-source
+function-source: install
+	$(BIN)/python -m scripts.deployment archive

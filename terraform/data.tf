@@ -1,5 +1,6 @@
 # Landing buckets (where files arrive), the access-log bucket, and the
-# BigQuery dataset that the handlers load into.
+# BigQuery datasets that the handlers load into. Both are named logically in
+# the pipelines; locals in main.tf map each logical name to the real one.
 
 resource "google_storage_bucket" "landing" {
   for_each = local.landing_buckets
@@ -91,15 +92,24 @@ resource "google_storage_bucket_iam_member" "access_log_writer" {
 
 resource "google_bigquery_dataset" "warehouse" {
   # checkov:skip=CKV_GCP_81: Google-managed encryption at rest; a customer-managed key is left out of the minimal deployment
+  for_each = local.bq_datasets
+
   project       = var.project_id
-  dataset_id    = var.bq_dataset
-  friendly_name = "Orchestrator warehouse"
-  description   = "Tables loaded and built by the orchestrator's pipelines."
+  dataset_id    = each.value
+  friendly_name = "Orchestrator ${each.key}"
+  description   = "Tables the orchestrator's pipelines name ${each.key}.<table>."
   location      = local.bq_location
   labels        = local.labels
 
   # Access is granted per member in iam.tf; nothing is public.
   delete_contents_on_destroy = false
+
+  lifecycle {
+    precondition {
+      condition     = contains(var.bq_datasets, var.bq_default_dataset)
+      error_message = "bq_default_dataset must be one of bq_datasets."
+    }
+  }
 
   depends_on = [google_project_service.apis]
 }

@@ -5,10 +5,12 @@
 #   status               HTTP GET, IAM-authenticated callers only
 
 locals {
-  # What the settings read. DATABASE_URL carries no password: the code adds
+  # What the settings read in the cloud (tests/test_terraform.py derives the list
+  # from the settings model). DATABASE_URL carries no password: the code adds
   # ORCHESTRATOR_DB_PASSWORD, which comes from Secret Manager.
   settings_environment = {
     DATABASE_URL                 = "postgresql+psycopg2://${var.db_user}@${google_sql_database_instance.metadata.private_ip_address}:5432/${var.db_name}?sslmode=require"
+    ORCHESTRATOR_RUNTIME         = "cloud"
     ORCHESTRATOR_GCP_PROJECT     = var.project_id
     ORCHESTRATOR_TASKS_TOPIC     = google_pubsub_topic.tasks.name
     ORCHESTRATOR_EVENTS_TOPIC    = google_pubsub_topic.batch_events.name
@@ -16,7 +18,11 @@ locals {
     ORCHESTRATOR_DB_MAX_OVERFLOW = tostring(var.db_max_overflow)
     ORCHESTRATOR_PIPELINES_DIR   = var.pipelines_dir
     ORCHESTRATOR_WAREHOUSE       = "bigquery"
-    ORCHESTRATOR_BQ_DATASET      = google_bigquery_dataset.warehouse.dataset_id
+    ORCHESTRATOR_OBJECT_STORE    = "gcs"
+    ORCHESTRATOR_BUCKETS         = jsonencode({ for k, b in google_storage_bucket.landing : k => b.name })
+    ORCHESTRATOR_DATASETS        = jsonencode({ for k, d in google_bigquery_dataset.warehouse : k => d.dataset_id })
+    ORCHESTRATOR_BQ_DATASET      = var.bq_default_dataset
+    ORCHESTRATOR_BQ_LOCATION     = local.bq_location
     ORCHESTRATOR_LOG_FORMAT      = var.log_format
   }
 
@@ -75,9 +81,7 @@ resource "google_cloudfunctions2_function" "route" {
 
   depends_on = [
     google_secret_manager_secret_iam_member.db_password,
-    google_artifact_registry_repository_iam_member.build_writer,
-    google_storage_bucket_iam_member.build_source_reader,
-    google_project_iam_member.build_log_writer,
+    time_sleep.build_grants,
     terraform_data.migrate,
   ]
 }
@@ -142,9 +146,7 @@ resource "google_cloudfunctions2_function" "on_object_finalized" {
 
   depends_on = [
     google_secret_manager_secret_iam_member.db_password,
-    google_artifact_registry_repository_iam_member.build_writer,
-    google_storage_bucket_iam_member.build_source_reader,
-    google_project_iam_member.build_log_writer,
+    time_sleep.build_grants,
     google_project_iam_member.eventarc_receiver,
     google_project_iam_member.gcs_agent_publisher,
     terraform_data.migrate,
@@ -197,9 +199,7 @@ resource "google_cloudfunctions2_function" "sweep" {
 
   depends_on = [
     google_secret_manager_secret_iam_member.db_password,
-    google_artifact_registry_repository_iam_member.build_writer,
-    google_storage_bucket_iam_member.build_source_reader,
-    google_project_iam_member.build_log_writer,
+    time_sleep.build_grants,
     terraform_data.migrate,
   ]
 }
@@ -253,9 +253,7 @@ resource "google_cloudfunctions2_function" "status" {
 
   depends_on = [
     google_secret_manager_secret_iam_member.db_password,
-    google_artifact_registry_repository_iam_member.build_writer,
-    google_storage_bucket_iam_member.build_source_reader,
-    google_project_iam_member.build_log_writer,
+    time_sleep.build_grants,
     terraform_data.migrate,
   ]
 }

@@ -109,8 +109,10 @@ resource "google_project_iam_member" "route_bq_job_user" {
 }
 
 resource "google_bigquery_dataset_iam_member" "route_data_editor" {
+  for_each = google_bigquery_dataset.warehouse
+
   project    = var.project_id
-  dataset_id = google_bigquery_dataset.warehouse.dataset_id
+  dataset_id = each.value.dataset_id
   role       = "roles/bigquery.dataEditor"
   member     = "serviceAccount:${google_service_account.functions["route"].email}"
 }
@@ -253,4 +255,34 @@ resource "google_storage_bucket_iam_member" "build_source_reader" {
   bucket = google_storage_bucket.source.name
   role   = "roles/storage.objectViewer"
   member = "serviceAccount:${google_service_account.build.email}"
+}
+
+# Cloud Functions copies the archive into its own bucket,
+# gcf-v2-sources-<project number>-<region>, and the build fetches it from there as
+# the build service account. The provider's own example of a function with a
+# build service account grants roles/storage.objectAdmin on the project; the same
+# role here reaches that one bucket only. The bucket appears with the first
+# function, so the grant is a condition on its name rather than a bucket binding.
+resource "google_project_iam_member" "build_function_sources" {
+  project = var.project_id
+  role    = "roles/storage.objectAdmin"
+  member  = "serviceAccount:${google_service_account.build.email}"
+
+  condition {
+    title       = "gcf-v2-sources bucket only"
+    description = "The bucket Cloud Functions builds from, in this region."
+    expression  = "resource.name == \"projects/_/buckets/${local.function_sources_bucket}\" || resource.name.startsWith(\"projects/_/buckets/${local.function_sources_bucket}/\")"
+  }
+}
+
+# As in the provider's example: new grants take a while to reach Cloud Build.
+resource "time_sleep" "build_grants" {
+  create_duration = "60s"
+
+  depends_on = [
+    google_project_iam_member.build_log_writer,
+    google_project_iam_member.build_function_sources,
+    google_artifact_registry_repository_iam_member.build_writer,
+    google_storage_bucket_iam_member.build_source_reader,
+  ]
 }

@@ -10,8 +10,11 @@
 #   data.tf        landing buckets, access-log bucket, BigQuery dataset
 #   iam.tf         one service account per role and its narrow grants
 
+# Read during apply, once the Cloud Resource Manager API it needs is enabled.
 data "google_project" "this" {
   project_id = var.project_id
+
+  depends_on = [google_project_service.apis]
 }
 
 locals {
@@ -31,12 +34,17 @@ locals {
     status              = "status"
   }
 
+  # Pipelines name buckets and datasets logically (gs://landing/…, analytics.sales);
+  # the functions and the job get these maps as ORCHESTRATOR_BUCKETS and
+  # ORCHESTRATOR_DATASETS.
   landing_buckets = { for b in var.landing_buckets : b => "${var.project_id}-${var.name_prefix}-${b}" }
+  bq_datasets     = { for d in var.bq_datasets : d => "${replace(var.name_prefix, "-", "_")}_${d}" }
 
   # Connection budget: every function instance holds at most
   # pool_size + max_overflow connections (one request at a time per instance),
-  # on_object_finalized is deployed once per landing bucket, and the migration
-  # job runs one task holding one pool.
+  # on_object_finalized is deployed once per landing bucket, and the deployment
+  # job runs one task whose `orchestrator deploy` opens one engine of the same
+  # pool settings.
   connections_per_instance = var.db_pool_size + var.db_max_overflow
   function_instances = (
     var.functions["route"].max_instances
@@ -48,11 +56,16 @@ locals {
 
   pubsub_service_agent = "service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
 
+  # Where Cloud Functions copies the source archive before building it.
+  function_sources_bucket = "gcf-v2-sources-${data.google_project.this.number}-${var.region}"
+
+  # cloudresourcemanager: data.google_project and every project-level IAM grant.
   apis = [
     "artifactregistry.googleapis.com",
     "bigquery.googleapis.com",
     "cloudbuild.googleapis.com",
     "cloudfunctions.googleapis.com",
+    "cloudresourcemanager.googleapis.com",
     "cloudscheduler.googleapis.com",
     "compute.googleapis.com",
     "eventarc.googleapis.com",
@@ -115,6 +128,11 @@ resource "google_service_networking_connection" "private_services" {
   network                 = google_compute_network.orchestrator.id
   service                 = "servicenetworking.googleapis.com"
   reserved_peering_ranges = [google_compute_global_address.private_services.name]
+
+  # Service Networking refuses to delete the peering while Cloud SQL's side still
+  # uses it, which lasts days after the instance is deleted: terraform destroy
+  # abandons it instead of failing.
+  deletion_policy = "ABANDON"
 }
 
 resource "google_vpc_access_connector" "orchestrator" {

@@ -1,7 +1,13 @@
-# Migrations: a Cloud Run job whose container runs `orchestrator db upgrade`
-# against the private IP of Cloud SQL. Terraform builds its image with Cloud
-# Build (unless migration_image is given), executes it and waits, and only then
-# deploys the functions, so new code never meets an old schema.
+# The deployment job: a Cloud Run job whose container runs `orchestrator deploy`
+# against the private IP of Cloud SQL: migrate the schema, then store every
+# pipeline of pipelines_dir. Terraform builds its image with Cloud Build (unless
+# migration_image is given), executes it and waits whenever the source changed
+# (pipelines included), and only then deploys the functions, so new code never
+# meets an old schema or a pipeline it does not know.
+#
+# The image is built from source_dir as `gcloud builds submit` uploads it: what
+# .gcloudignore at its root leaves in (never terraform state, variables or
+# virtualenvs).
 
 locals {
   migration_image = coalesce(
@@ -22,16 +28,14 @@ resource "terraform_data" "migration_image" {
         --project '${var.project_id}' \
         --region '${var.region}' \
         --config terraform/migrations/cloudbuild.yaml \
-        --substitutions '_IMAGE=${local.migration_image}' \
+        --substitutions '_IMAGE=${local.migration_image},_PIPELINES_DIR=${var.pipelines_dir}' \
         --service-account '${google_service_account.build.id}' \
         --gcs-source-staging-dir 'gs://${google_storage_bucket.source.name}/cloudbuild-staging'
     EOT
   }
 
   depends_on = [
-    google_artifact_registry_repository_iam_member.build_writer,
-    google_storage_bucket_iam_member.build_source_reader,
-    google_project_iam_member.build_log_writer,
+    time_sleep.build_grants,
     google_project_service.apis,
   ]
 }
@@ -59,7 +63,7 @@ resource "google_cloud_run_v2_job" "migrate" {
 
       containers {
         image = local.migration_image
-        args  = ["db", "upgrade"]
+        args  = ["deploy"]
 
         resources {
           limits = {

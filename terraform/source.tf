@@ -1,5 +1,7 @@
-# The function source: a zip of the repository's package, uploaded under a
-# name that carries its hash so that every change redeploys the functions.
+# The function source: a zip of the repository (the package, requirements.txt
+# and the pipelines folder, without what source_excludes names), uploaded under a
+# name that carries its hash so that every change redeploys the functions and
+# reruns the deployment job. `make function-source` builds the same zip locally.
 
 data "archive_file" "source" {
   type        = "zip"
@@ -43,7 +45,7 @@ resource "google_storage_bucket_object" "source" {
   lifecycle {
     precondition {
       condition     = fileexists("${local.source_dir}/requirements.txt")
-      error_message = "The function source needs requirements.txt at its root: run `make function-source` first (see terraform/README.md)."
+      error_message = "The function source needs requirements.txt at its root (the repository's names \".\", the package itself); source_dir must be the repository root."
     }
   }
 }

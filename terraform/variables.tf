@@ -36,28 +36,37 @@ variable "enable_apis" {
 
 variable "source_dir" {
   type        = string
-  description = "Root of the repository whose package is deployed (it must hold requirements.txt, orchestrator/, functions/ and pipelines/). Null means the parent folder of this module."
+  description = "Root of the repository whose package is deployed (it must hold requirements.txt, pyproject.toml, orchestrator/, functions/ and the pipelines_dir folder). Null means the parent folder of this module."
   default     = null
 }
 
 variable "source_excludes" {
   type        = list(string)
-  description = "Paths and glob patterns, relative to source_dir, left out of the function source archive."
+  description = "Paths and glob patterns (doublestar syntax, matched against paths relative to source_dir) left out of the function source archive."
   default = [
     ".git",
-    ".venv",
-    ".venv-checkov",
+    ".gitignore",
+    ".gcloudignore",
+    ".venv*",
     ".orchestrator",
+    ".tmp",
+    ".hypothesis",
     ".pytest_cache",
     ".mypy_cache",
     ".ruff_cache",
     ".ci",
     "bench",
+    "scripts",
     "tests",
     "terraform",
     "dist",
     "build",
+    "*.egg-info",
     "**/__pycache__",
+    "**/.terraform",
+    "**/*.tfstate",
+    "**/*.tfstate.*",
+    "**/*.tfvars",
   ]
 }
 
@@ -129,8 +138,13 @@ variable "log_format" {
 
 variable "pipelines_dir" {
   type        = string
-  description = "Value of ORCHESTRATOR_PIPELINES_DIR: the folder of pipeline YAML files, relative to the root of the deployed source."
+  description = "Value of ORCHESTRATOR_PIPELINES_DIR: the folder of pipeline YAML files (and the SQL and Python beside them), relative to source_dir. It ships in the function source and in the job's image; every apply that changes it runs `orchestrator deploy`, which stores its pipelines."
   default     = "pipelines"
+
+  validation {
+    condition     = !startswith(var.pipelines_dir, "/") && !strcontains(var.pipelines_dir, "..")
+    error_message = "pipelines_dir is a path inside source_dir: relative, without '..'."
+  }
 }
 
 variable "extra_environment" {
@@ -198,8 +212,13 @@ variable "db_tier" {
 
 variable "db_version" {
   type        = string
-  description = "Cloud SQL PostgreSQL major version."
-  default     = "POSTGRES_18"
+  description = "Cloud SQL PostgreSQL major version, one the google provider documents for database_version."
+  default     = "POSTGRES_17"
+
+  validation {
+    condition     = contains(["POSTGRES_14", "POSTGRES_15", "POSTGRES_16", "POSTGRES_17"], var.db_version)
+    error_message = "db_version must be POSTGRES_14, POSTGRES_15, POSTGRES_16 or POSTGRES_17."
+  }
 }
 
 variable "db_availability_type" {
@@ -312,15 +331,26 @@ variable "landing_archive_days" {
   default     = 90
 }
 
-variable "bq_dataset" {
+variable "bq_datasets" {
+  type        = list(string)
+  description = "Logical names of the BigQuery datasets the pipelines use (analytics in analytics.sales). Each becomes dataset <name_prefix>_<name> (hyphens as underscores); ORCHESTRATOR_DATASETS maps one to the other."
+  default     = ["analytics"]
+
+  validation {
+    condition     = length(var.bq_datasets) >= 1 && alltrue([for d in var.bq_datasets : can(regex("^[A-Za-z_][A-Za-z0-9_]{0,900}$", d))])
+    error_message = "Give at least one dataset; names are letters, digits and underscores, not starting with a digit."
+  }
+}
+
+variable "bq_default_dataset" {
   type        = string
-  description = "BigQuery dataset that the handlers write (ORCHESTRATOR_BQ_DATASET)."
-  default     = "orchestrator"
+  description = "Logical dataset of table names without one (sales in a query's FROM); one of bq_datasets (ORCHESTRATOR_BQ_DATASET)."
+  default     = "analytics"
 }
 
 variable "bq_location" {
   type        = string
-  description = "Location of the BigQuery dataset. Null means the region."
+  description = "Location of the BigQuery datasets and their jobs (ORCHESTRATOR_BQ_LOCATION). Null means the region."
   default     = null
 }
 
@@ -334,13 +364,13 @@ variable "access_log_retention_days" {
 
 variable "migration_image" {
   type        = string
-  description = "Container image with the package installed and `orchestrator` as entrypoint, for the migration job. Null builds one from terraform/migrations/Dockerfile with Cloud Build during apply (needs gcloud where Terraform runs)."
+  description = "Container image of the deployment job: the package installed, `orchestrator` as entrypoint, the pipelines_dir folder in its working directory. Null builds one from terraform/migrations/Dockerfile with Cloud Build during apply (needs gcloud where Terraform runs)."
   default     = null
 }
 
 variable "run_migrations_on_apply" {
   type        = bool
-  description = "Execute the migration job (orchestrator db upgrade) and wait for it whenever the source or the image changes. Needs gcloud where Terraform runs."
+  description = "Execute the deployment job (`orchestrator deploy`: migrate the database, store the pipelines) and wait for it whenever the source or the image changes. Needs gcloud where Terraform runs."
   default     = true
 }
 

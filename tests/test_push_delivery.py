@@ -97,7 +97,7 @@ def test_a_message_of_attributes_alone_is_acknowledged_and_logged_with_its_attri
     assert resp.status_code == 200
     rejected = [(m, f) for m, f in logged(caplog) if "has no 'data'" in m]
     assert rejected, logged(caplog)
-    message, fields = rejected[0]
+    _, fields = rejected[0]
     assert fields["outcome"] == "invalid"
     assert (fields["message_id"], fields["delivery_attempt"]) == ("m-attrs", 2)
     assert fields["attributes"] == {"type": "start_batch"}

@@ -23,18 +23,6 @@ FUNCTIONS_MAIN = ROOT / "functions" / "main.py"
 CONTRACT_ENTRY_POINTS = {"route", "on_object_finalized", "sweep", "status"}
 PUBLIC_MEMBERS = {"allUsers", "allAuthenticatedUsers"}
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
-SETTINGS_ENV = {
-    "DATABASE_URL",
-    "ORCHESTRATOR_GCP_PROJECT",
-    "ORCHESTRATOR_TASKS_TOPIC",
-    "ORCHESTRATOR_EVENTS_TOPIC",
-    "ORCHESTRATOR_DB_POOL_SIZE",
-    "ORCHESTRATOR_DB_MAX_OVERFLOW",
-    "ORCHESTRATOR_PIPELINES_DIR",
-    "ORCHESTRATOR_WAREHOUSE",
-    "ORCHESTRATOR_BQ_DATASET",
-    "ORCHESTRATOR_LOG_FORMAT",
-}
 
 
 # --- Normalising python-hcl2 output ------------------------------------------
@@ -330,7 +318,6 @@ def test_every_function_sets_scaling_memory_timeout_and_the_settings_environment
     # the settings win over anything extra.
     merged = expr(locals_()["function_environment"]).replace(" ", "")
     assert merged == "merge(var.extra_environment,local.settings_environment)"
-    assert set(locals_()["settings_environment"]) >= SETTINGS_ENV
 
 
 def test_database_password_is_a_mounted_secret_never_a_plain_variable() -> None:
@@ -352,10 +339,10 @@ def test_database_password_is_a_mounted_secret_never_a_plain_variable() -> None:
         ), f"{name} does not mount the password secret"
 
 
-def test_migration_job_runs_db_upgrade_with_the_password_from_secret_manager() -> None:
+def test_the_job_runs_deploy_with_the_password_from_secret_manager() -> None:
     job = resources()["google_cloud_run_v2_job"]["migrate"]
     container = block(block(block(job, "template"), "template"), "containers")
-    assert container["args"] == ["db", "upgrade"]
+    assert container["args"] == ["deploy"]
     envs = container.get("env", [])
     password = [e for e in envs if e.get("name") == "ORCHESTRATOR_DB_PASSWORD"]
     assert password and block(block(password[0], "value_source"), "secret_key_ref")
@@ -457,3 +444,194 @@ def test_every_checkov_skip_gives_a_reason() -> None:
             if match:
                 reason = match.group(2).lstrip(":").strip()
                 assert len(reason) >= 20, f"{path.name}: {match.group(1)} skipped without a reason"
+
+
+# --- What the first apply needs ---------------------------------------------------
+
+
+def _deployment() -> Any:
+    from scripts.deployment import Deployment
+
+    def computed(where: tuple[Any, ...], resource: Any) -> Any:
+        return f"<{where[1]}.{where[2]}.{'.'.join(map(str, where[4]))}>"
+
+    return Deployment.minimal(computed)
+
+
+def test_terraform_sets_every_setting_the_deployed_functions_and_job_need() -> None:
+    """Derived from the settings model: every setting says what the cloud needs of it,
+    and each one the deployment must set is in the functions' and the job's
+    environment (or mounted from Secret Manager), with the value it must have."""
+    from orchestrator.bootstrap import BootstrapSettings
+    from orchestrator.settings import DEFAULT, DEPLOYED, LOCAL, cloud_need, environment_name
+
+    deployment = _deployment()
+    environment = deployment.local("function_environment")
+    secrets = {
+        s["key"]
+        for body in functions().values()
+        for s in block(body, "service_config").get("secret_environment_variables", [])
+    }
+    job = resources()["google_cloud_run_v2_job"]["migrate"]
+    container = block(block(block(job, "template"), "template"), "containers")
+    job_env = {e["name"] for e in container.get("env", []) if "name" in e}
+    assert "local.function_environment" in " ".join(strings(container.get("dynamic", [])))
+    unclassified, missing, wrong = [], [], []
+    for name, field in BootstrapSettings.model_fields.items():
+        need = cloud_need(field)
+        variable = environment_name(BootstrapSettings, name)
+        if need is None:
+            unclassified.append(name)
+        elif need in (DEFAULT, LOCAL):
+            continue
+        elif variable not in environment and variable not in secrets & job_env:
+            missing.append(variable)
+        elif need != DEPLOYED and environment[variable] != need:
+            wrong.append(f"{variable}={environment[variable]!r}, needs {need!r}")
+    assert not unclassified, f"settings that do not say what the cloud needs: {unclassified}"
+    assert not missing, f"terraform does not set {missing}"
+    assert not wrong, wrong
+
+
+def test_the_name_maps_send_the_pipelines_logical_names_to_terraforms_resources() -> None:
+    import json
+
+    environment = _deployment().local("function_environment")
+    assert json.loads(environment["ORCHESTRATOR_BUCKETS"]) == {
+        "landing": "my-project-orch-landing"}
+    assert json.loads(environment["ORCHESTRATOR_DATASETS"]) == {"analytics": "orch_analytics"}
+    assert environment["ORCHESTRATOR_BQ_DATASET"] == "analytics"
+    assert environment["ORCHESTRATOR_BQ_LOCATION"] == "europe-west1"
+
+
+def test_the_build_account_reads_the_bucket_cloud_functions_builds_from() -> None:
+    """Cloud Functions copies the archive to gcf-v2-sources-<number>-<region> and builds
+    from there as the build account: the grant the provider's builder example makes
+    (roles/storage.objectAdmin), held to that bucket by a condition."""
+    grant = resources()["google_project_iam_member"]["build_function_sources"]
+    assert grant["role"] == "roles/storage.objectAdmin"
+    assert expr(grant["member"]) == "serviceAccount:${google_service_account.build.email}"
+    condition = block(grant, "condition")
+    bucket = _deployment().local("function_sources_bucket")
+    assert bucket == "gcf-v2-sources-<google_project.this.number>-europe-west1"
+    assert "local.function_sources_bucket" in condition["expression"]
+    assert "resource.name" in condition["expression"]
+    # Every function's build waits for the build grants to settle.
+    sleep = resources()["time_sleep"]["build_grants"]
+    assert "google_project_iam_member.build_function_sources" in " ".join(sleep["depends_on"])
+    for name, body in functions().items():
+        assert "time_sleep.build_grants" in " ".join(body["depends_on"]), name
+    assert "time_sleep.build_grants" in " ".join(
+        resources()["terraform_data"]["migration_image"]["depends_on"])
+
+
+def test_the_project_lookup_and_project_grants_have_their_api_enabled_first() -> None:
+    apis = locals_()["apis"]
+    assert "cloudresourcemanager.googleapis.com" in apis
+    data = next(e["google_project"]["this"] for e in root_blocks("data")
+                if "google_project" in e)
+    assert "google_project_service.apis" in " ".join(data["depends_on"])
+
+
+def test_the_database_version_is_one_the_provider_documents() -> None:
+    documented = {"POSTGRES_14", "POSTGRES_15", "POSTGRES_16", "POSTGRES_17"}
+    assert _default("db_version") in documented
+    validation = block(variables()["db_version"], "validation")
+    assert validation and "contains" in validation["condition"]
+
+
+def test_destroy_abandons_the_private_services_peering() -> None:
+    connection = resources()["google_service_networking_connection"]["private_services"]
+    assert connection["deletion_policy"] == "ABANDON"
+
+
+def test_the_budget_counts_the_jobs_connections() -> None:
+    budget = expr(locals_()["connection_budget"]).replace(" ", "")
+    functions_part = "local.function_instances*local.connections_per_instance"
+    rest = budget.replace(functions_part, "", 1)
+    assert "local.connections_per_instance" in rest and "var.db_reserved_connections" in rest
+
+
+def test_the_archive_provider_reads_glob_excludes() -> None:
+    providers: dict[str, Any] = {}
+    for entry in root_blocks("terraform"):
+        for required in entry.get("required_providers", []):
+            providers.update(required)
+    assert any(ch in p for p in _default("source_excludes") for ch in "*?[")
+    assert re.search(r">=\s*2\.(5|[6-9])", providers["archive"]["version"])
+
+
+def test_the_job_image_upload_leaves_terraform_state_and_variables_behind(tmp_path: Path) -> None:
+    """`gcloud builds submit .` uploads the repository to build the job's image; what it
+    would upload is asked of gcloud itself, from a copy of the repository in which a
+    user has run terraform."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcloud") is None:
+        pytest.skip("gcloud is not installed")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tmp_path / name)
+    planted = [
+        "terraform/examples/minimal/terraform.tfstate",
+        "terraform/examples/minimal/terraform.tfstate.backup",
+        "terraform/examples/minimal/terraform.tfvars",
+        "terraform/examples/minimal/.terraform/providers/registry/google",
+        "terraform/.terraform/terraform.tfstate",
+        "terraform/.build/function-source.zip",
+        "terraform.tfstate",
+        ".venv/bin/python",
+        ".venv-gcs/bin/python",
+        ".tmp/test-database-url",
+        "orchestrator/__pycache__/x.pyc",
+    ]
+    for name in planted:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("secret")
+    listed = subprocess.run(["gcloud", "meta", "list-files-for-upload", str(tmp_path)],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert not set(planted) & set(listed), sorted(set(planted) & set(listed))
+    pipelines_dir = _deployment().variables["pipelines_dir"]
+    needed = {"pyproject.toml", "README.md", "terraform/migrations/Dockerfile",
+              "terraform/migrations/cloudbuild.yaml", "orchestrator/db/migrations/env.py",
+              "functions/main.py", f"{pipelines_dir}/monthly_profit.yaml"}
+    assert needed <= set(listed), sorted(needed - set(listed))
+
+
+def test_every_make_target_the_docs_name_exists() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([A-Za-z][\w-]*):", makefile, re.M))
+    docs = [ROOT / "README.md", TERRAFORM / "README.md", *TERRAFORM.glob("*.tf"),
+            *(TERRAFORM / "migrations").iterdir()]
+    named = {m for path in docs for m in re.findall(r"`make ([a-z][\w-]*)`",
+                                                    path.read_text(encoding="utf-8"))}
+    assert {"function-source", "rehearse"} <= named | targets
+    assert named <= targets, sorted(named - targets)
+
+
+def test_the_function_source_carries_the_pipelines_and_never_local_state(tmp_path: Path) -> None:
+    """The same walk and excludes as terraform's archive_file, over a repository in
+    which someone has worked: virtualenvs, terraform state and caches stay out."""
+    from scripts.deployment import archive_files
+
+    deployment = _deployment()
+    excludes = deployment.evaluate(
+        next(e["archive_file"]["source"] for e in root_blocks("data") if "archive_file" in e)[
+            "excludes"])
+    planted = ["orchestrator/__init__.py", "functions/main.py", "requirements.txt",
+               "examples/monthly_profit.yaml", "examples/sql/calculate_profit.sql",
+               ".venv/bin/python", ".venv-gcs/lib/site.py", ".venv-bqemu/x", ".tmp/db-url",
+               ".git", "terraform/examples/minimal/terraform.tfstate", "x/terraform.tfstate",
+               "x/.terraform/p", "prod.tfvars", "orchestrator/__pycache__/a.pyc",
+               "orchestrator.egg-info/PKG-INFO", "tests/test_x.py", ".hypothesis/db"]
+    for name in planted:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    names = {n for n, _ in archive_files(tmp_path, excludes)}
+    assert names == {"orchestrator/__init__.py", "functions/main.py", "requirements.txt",
+                     "examples/monthly_profit.yaml", "examples/sql/calculate_profit.sql"}
+    assert deployment.variables["pipelines_dir"] == "examples"
