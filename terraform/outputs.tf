@@ -42,9 +42,9 @@ output "source_bucket" {
   value       = google_storage_bucket.source.name
 }
 
-output "bigquery_dataset" {
-  description = "BigQuery dataset id that the handlers write."
-  value       = google_bigquery_dataset.warehouse.dataset_id
+output "bigquery_datasets" {
+  description = "BigQuery dataset ids, keyed by the logical name the pipelines use (analytics in analytics.sales)."
+  value       = { for k, d in google_bigquery_dataset.warehouse : k => d.dataset_id }
 }
 
 output "sql_instance_connection_name" {
@@ -68,12 +68,12 @@ output "db_password_secret" {
 }
 
 output "migration_job" {
-  description = "Name of the Cloud Run job that runs `orchestrator db upgrade`."
+  description = "Name of the Cloud Run job that runs `orchestrator deploy` (migrate the database, store the pipelines of pipelines_dir)."
   value       = google_cloud_run_v2_job.migrate.name
 }
 
 output "migration_image" {
-  description = "Container image of the migration job."
+  description = "Container image of the deployment job."
   value       = local.migration_image
 }
 
@@ -92,7 +92,7 @@ output "service_accounts" {
 }
 
 output "connection_budget" {
-  description = "Worst-case database connections (functions' max instances x (pool size + max overflow) + the migration job + reserved) against max_connections."
+  description = "Worst-case database connections (functions' max instances x (pool size + max overflow) + the deployment job + reserved) against max_connections."
   value = {
     function_instances       = local.function_instances
     connections_per_instance = local.connections_per_instance

@@ -5,7 +5,7 @@ variable "project_id" {
 
 variable "region" {
   type        = string
-  description = "Region for the functions, Cloud SQL, the buckets, the VPC connector, Cloud Scheduler and the migration job. The landing buckets must be regional for Eventarc, so they live here too."
+  description = "Region for the functions, Cloud SQL, the buckets, the VPC connector, Cloud Scheduler and the deployment job. The landing buckets must be regional for Eventarc, so they live here too."
   default     = "europe-west1"
 }
 
