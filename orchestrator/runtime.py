@@ -135,7 +135,7 @@ class Runtime:
     def cloud(cls, settings: Settings | None = None) -> Runtime:
         from orchestrator.adapters.gcp.pubsub import PubSubPublisher
 
-        settings = settings or get_settings()
+        settings = (settings or get_settings()).for_cloud()
         db = make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size,
                          max_overflow=settings.db_max_overflow,
                          pool_timeout=settings.db_pool_timeout_s)

@@ -125,6 +125,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name!r} is not a valid dataset name")
         return value
 
+    def for_cloud(self) -> Settings:
+        """These settings with the cloud's value wherever one is fixed and the environment
+        left the local default (a function without ORCHESTRATOR_OBJECT_STORE lists GCS,
+        not an empty local folder)."""
+        fixed = {name: need for name, field in type(self).model_fields.items()
+                 if (need := cloud_need(field)) not in (None, DEPLOYED, DEFAULT, LOCAL)
+                 and name not in self.model_fields_set}
+        return self.model_copy(update=fixed)
+
     def resolved_database_url(self) -> str:
         if self.database_url is None:
             return f"sqlite:///{(self.home / 'metadata.db').resolve().as_posix()}"

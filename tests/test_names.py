@@ -103,3 +103,16 @@ def test_a_file_finalized_in_the_real_bucket_releases_the_task_waiting_on_the_lo
     with pg_engine.connect() as conn:
         trigger = conn.execute(text("SELECT input FROM task_log")).scalar_one()
     assert "gs://landing/sales/2024-03/_SUCCESS" in str(trigger)
+
+
+def test_a_cloud_runtime_reads_gcs_and_bigquery_unless_told_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment that forgot ORCHESTRATOR_OBJECT_STORE must not list an empty local
+    folder and report zero files; one that chose a value keeps it."""
+    for key in ("ORCHESTRATOR_OBJECT_STORE", "ORCHESTRATOR_WAREHOUSE", "ORCHESTRATOR_LOG_FORMAT"):
+        monkeypatch.delenv(key, raising=False)
+    cloud = Settings().for_cloud()
+    assert (cloud.object_store, cloud.warehouse, cloud.log_format) == ("gcs", "bigquery", "json")
+    monkeypatch.setenv("ORCHESTRATOR_WAREHOUSE", "local")
+    assert Settings().for_cloud().warehouse == "local"
+    assert Settings().object_store == "local"
