@@ -154,17 +154,17 @@ def pubsub_push(headers: Mapping[str, str], body: bytes, path: str = "") -> PubS
         kind = lower.get("ce-type")
         if kind != PUBSUB_PUBLISHED:
             raise InvalidEvent(f"unexpected event type {kind!r} (expected {PUBSUB_PUBLISHED})")
-        data = _object_data(_json_document(body))
-        return _delivery(data, lower.get("ce-source", ""), lower.get("ce-id"))
+        return _delivery(_object_data(_json_document(body)), lower.get("ce-source", ""),
+                         lower.get("ce-id"))
     if lower.get("content-type", "").startswith("application/cloudevents+json"):
         event = _object_data(_json_document(body, "event"))
         if event.get("type") != PUBSUB_PUBLISHED:
             raise InvalidEvent(f"unexpected event type {event.get('type')!r} "
                                f"(expected {PUBSUB_PUBLISHED})")
-        data = event.get("data")
-        if data is None and isinstance(event.get("data_base64"), str):
-            data = _json_document(decode_base64(event["data_base64"], "data_base64"))
-        return _delivery(_object_data(data), str(event.get("source") or ""), event.get("id"))
+        inner = event.get("data")
+        if inner is None and isinstance(event.get("data_base64"), str):
+            inner = _json_document(decode_base64(event["data_base64"], "data_base64"))
+        return _delivery(_object_data(inner), str(event.get("source") or ""), event.get("id"))
     envelope = _object_data(_json_document(body, "push body"))
     match = _TOPIC_RE.search(path or "")
     source = f"//pubsub.googleapis.com/{match.group(0)}" if match else ""
