@@ -139,6 +139,10 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When a `deadline_warning` alerts (cleared once it has).
+    warn_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The schedule tick this batch runs for; NULL for a batch started by a file or message.
+    logical_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class TaskLog(Base):
@@ -261,3 +265,77 @@ class EventCursor(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     last_event_id: Mapped[int] = mapped_column(BigId, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class PipelineVersion(Base):
+    """What a batch runs under besides its graph, per pipeline version: the time zone,
+    schedule, deadline, alert events and file expectations of that version's file."""
+
+    __tablename__ = "pipeline_versions"
+
+    pipeline_id: Mapped[int] = mapped_column(
+        ForeignKey("pipelines.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    schedule: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    deadline: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    alerts: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # {task: {"expected_by": "06:30", "fail_after": "2h"}} for file-triggered tasks.
+    files: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ScheduleState(Base):
+    """A pipeline's schedule across its versions: whether it is paused, and the latest
+    tick handled (started or skipped by the catch-up policy). Keyed by the pipeline,
+    not a version, so a new version goes on from where the last one was."""
+
+    __tablename__ = "schedules"
+
+    pipeline_id: Mapped[int] = mapped_column(
+        ForeignKey("pipelines.id", ondelete="CASCADE"), primary_key=True)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_tick_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_batch_id: Mapped[str | None] = mapped_column(String(128))
+    last_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Alert(Base):
+    """One alert, created once per (batch, kind, task): the outbox of the alert channels."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("batch_pk", "kind", "task", name="uq_alerts_batch_kind_task"),
+        Index("ix_alerts_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    batch_pk: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    # The task's name, or '' for an alert about the whole batch.
+    task: Mapped[str] = mapped_column(String(128), default="")
+    # The document every channel is sent (schema orchestrator.alert/v1).
+    message: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AlertDelivery(Base):
+    """One alert on one channel: retried with backoff until delivered, or given up on
+    (a receiver that refuses it for good) with the reason."""
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (
+        Index("ix_alert_deliveries_due", "next_attempt_at",
+              postgresql_where=text("delivered_at IS NULL AND failed_at IS NULL"),
+              sqlite_where=text("delivered_at IS NULL AND failed_at IS NULL")),
+    )
+
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    channel: Mapped[str] = mapped_column(String(20), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)

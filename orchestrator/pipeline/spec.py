@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.errors import PipelineValidationError
 from orchestrator.identifiers import NAME_RE
+from orchestrator.pipeline.timing import AlertsSpec, DeadlineSpec, ScheduleSpec, TimeRule
 from orchestrator.status import TriggerRule
+
+
+# Optional parts left out of the stored definition when unset, so adding one to the
+# model does not change the hash (and the version) of every pipeline that lacks it.
+def _unset(value: object) -> bool:
+    return value is None
 
 
 class _Frozen(BaseModel):
@@ -48,6 +55,9 @@ class GcsTrigger(_Frozen):
 
     bucket: str
     pattern: str
+    # If the object has not arrived by then, `file_late` alerts; `fail_after` fails the task.
+    expected_by: TimeRule | None = Field(default=None, exclude_if=_unset)
+    fail_after: TimeRule | None = Field(default=None, exclude_if=_unset)
 
     @field_validator("bucket")
     @classmethod
@@ -134,6 +144,9 @@ class PipelineSpec(_Frozen):
     description: str = ""
     concurrency: int | None = Field(default=None, ge=1)
     tasks: tuple[TaskSpec, ...]
+    schedule: ScheduleSpec | None = Field(default=None, exclude_if=_unset)
+    deadline: DeadlineSpec | None = Field(default=None, exclude_if=_unset)
+    alerts: AlertsSpec | None = Field(default=None, exclude_if=_unset)
     # Where relative paths in task configs (SQL files) resolve; not part of the identity.
     base_dir: Path | None = Field(default=None, exclude=True)
 

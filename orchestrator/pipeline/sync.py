@@ -13,7 +13,14 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.db.models import Pipeline, Task, TaskDependency
+from orchestrator.db.dialect import insert_ignore
+from orchestrator.db.models import (
+    Pipeline,
+    PipelineVersion,
+    ScheduleState,
+    Task,
+    TaskDependency,
+)
 from orchestrator.pipeline.spec import PipelineSpec
 
 
@@ -69,4 +76,37 @@ def sync_pipeline(session: Session, spec: PipelineSpec, now: datetime) -> SyncRe
     ]
     if edges:
         session.execute(insert(TaskDependency), edges)
+    _sync_time_rules(session, spec, row.id, row.version, now)
     return SyncResult(spec.name, row.version, changed=True)
+
+
+def _sync_time_rules(session: Session, spec: PipelineSpec, pipeline_pk: int, version: int,
+                     now: datetime) -> None:
+    """The version's schedule, deadline, alerts and file expectations; and the schedule's
+    state, which belongs to the pipeline rather than the version: a new version goes on
+    from the last tick handled, and a schedule (re)appearing starts from now rather than
+    catching up on ticks from before it existed."""
+    files = {
+        t.name: t.gcs_trigger.model_dump(mode="json", include={"expected_by", "fail_after"})
+        for t in spec.tasks
+        if t.gcs_trigger is not None and (t.gcs_trigger.expected_by or t.gcs_trigger.fail_after)
+    }
+    previous = session.execute(
+        select(PipelineVersion.schedule).where(PipelineVersion.pipeline_id == pipeline_pk,
+                                               PipelineVersion.version == version - 1)
+    ).first()
+    session.execute(insert(PipelineVersion).values(
+        pipeline_id=pipeline_pk, version=version,
+        timezone=spec.schedule.timezone if spec.schedule else "UTC",
+        schedule=spec.schedule.model_dump(mode="json") if spec.schedule else None,
+        deadline=spec.deadline.model_dump(mode="json") if spec.deadline else None,
+        alerts=spec.alerts.model_dump(mode="json") if spec.alerts else None,
+        files=files or None, created_at=now,
+    ))
+    if spec.schedule is None:
+        return
+    session.execute(insert_ignore(session, ScheduleState, ["pipeline_id"]).values(
+        pipeline_id=pipeline_pk, paused=False, last_tick_at=now, updated_at=now))
+    if previous is not None and previous[0] is None:
+        session.execute(update(ScheduleState).where(ScheduleState.pipeline_id == pipeline_pk)
+                        .values(last_tick_at=now, updated_at=now))
