@@ -15,12 +15,11 @@ so that its batch finishes instead of waiting forever.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator import engine, logs
+from orchestrator import deadlines, engine, logs
 from orchestrator.db.session import transaction
 from orchestrator.dispatcher import Dispatcher, RouteResult
 from orchestrator.engine.types import Outcome, TaskRow
@@ -117,9 +116,8 @@ class DeliveryFront:
     def start_batch(self, msg: StartBatch, **context: Any) -> RouteResult:
         labels = {**log_labels(msg), **context}
         now = self.clock.now()
-        deadline = now + timedelta(seconds=msg.deadline_s) if msg.deadline_s else None
-        started = transaction(self.sessions, lambda s: engine.start_batch(
-            s, msg.pipeline, msg.batch_id, msg.params, now, deadline_at=deadline))
+        started = transaction(self.sessions, lambda s: deadlines.start_batch(
+            s, msg.pipeline, msg.batch_id, msg.params, now, deadline_s=msg.deadline_s))
         if not started.created:
             logs.info("batch already exists", outcome="exists", **labels)
             return RouteResult("exists")

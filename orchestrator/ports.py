@@ -39,6 +39,14 @@ class Publisher(Protocol):
 
 
 @runtime_checkable
+class AlertSink(Protocol):
+    def send(self, alert: Mapping[str, Any]) -> None:
+        """Deliver one alert (schema `orchestrator.alert/v1`); raise `PermanentError` if
+        the receiver refuses it for good, anything else to be retried later."""
+        ...
+
+
+@runtime_checkable
 class ObjectStore(Protocol):
     def list(self, uri_prefix: str) -> list[str]: ...
     def read(self, uri: str) -> bytes: ...

@@ -8,7 +8,9 @@ Each unit does one job and is tested alone:
   the chain on this worker;
 - `triggers.StorageTriggers`: a finalized object releases the task waiting for it;
 - `sweeper.Sweeper`: the periodic pass (due retries, unclaimed tasks, expired
-  leases, deadlines, batches left open);
+  leases, batches left open), which also runs the clock's units:
+  `schedules.Schedules` (due ticks start their batches), `deadlines.Deadlines`
+  (deadlines, warnings, late files) and `alerts.Alerts` (the alerts outbox);
 - `dispatcher.Dispatcher`: what every committed transition is followed by
   (publish what it queued, free its concurrency slot, close its batch).
 
@@ -20,16 +22,19 @@ only when the database or the publisher is unreachable (Pub/Sub redelivers).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from orchestrator.alerts import DEFAULT_EVENTS, Alerts
+from orchestrator.deadlines import Deadlines
 from orchestrator.delivery import DeliveryFront
 from orchestrator.dispatcher import Dispatcher, RouteResult, dispatch_message
 from orchestrator.engine.types import BatchFinished, Dispatch
 from orchestrator.messages import RunTask, StartBatch, UnknownMessage
-from orchestrator.ports import Clock, ObjectStore, Publisher, SystemClock, Warehouse
+from orchestrator.ports import AlertSink, Clock, ObjectStore, Publisher, SystemClock, Warehouse
+from orchestrator.schedules import Schedules
 from orchestrator.storage_events import StorageObject
 from orchestrator.sweeper import Sweeper, SweepReport
 from orchestrator.triggers import StorageTriggers
@@ -54,6 +59,8 @@ class Router:
         on_batch_finished: Callable[[BatchFinished], None] | None = None,
         default_concurrency: int | None = None,
         continuation_s: float = 30.0,
+        alert_sinks: Mapping[str, AlertSink] | None = None,
+        alert_events: Iterable[str] = DEFAULT_EVENTS,
     ):
         self.sessions = sessions
         self.clock = clock or SystemClock()
@@ -67,8 +74,13 @@ class Router:
                              continuation_s=continuation_s)
         self.front = DeliveryFront(sessions, self.dispatcher, self.worker, self.clock)
         self.triggers = StorageTriggers(sessions, self.dispatcher, self.clock)
+        self.alerts = Alerts(sessions, self.clock, sinks=alert_sinks,
+                             default_events=alert_events)
+        self.schedules = Schedules(sessions, self.dispatcher, self.clock)
+        self.deadlines = Deadlines(sessions, self.dispatcher, self.clock, self.alerts)
         self.sweeper = Sweeper(sessions, self.dispatcher, self.clock,
-                               redispatch_after_s=redispatch_after_s)
+                               redispatch_after_s=redispatch_after_s, schedules=self.schedules,
+                               deadlines=self.deadlines, alerts=self.alerts)
 
     @property
     def publisher(self) -> Publisher:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ from orchestrator.event_stream import Callback, EventHub, Subscription, relay_on
 from orchestrator.names import NameMap
 from orchestrator.pipeline.spec import PipelineSpec, load_pipelines
 from orchestrator.pipeline.sync import SyncResult, sync_pipeline
-from orchestrator.ports import Clock, ObjectStore, Publisher, SystemClock, Warehouse
+from orchestrator.pipeline.timing import parse_alert_events
+from orchestrator.ports import AlertSink, Clock, ObjectStore, Publisher, SystemClock, Warehouse
 from orchestrator.router import Router
 from orchestrator.settings import Settings, get_settings
 from orchestrator.status import BATCH_TERMINAL, BatchStatus
@@ -74,6 +75,22 @@ def make_object_store(settings: Settings) -> ObjectStore:
     return LocalObjectStore(settings.home / "buckets")
 
 
+def make_alert_sinks(settings: Settings, topic_publisher: Publisher | None = None,
+                     ) -> dict[str, AlertSink]:
+    """The alert channels this deployment has: the `alerts` topic (given its publisher)
+    and the webhook, when ORCHESTRATOR_ALERT_WEBHOOK_URL is set."""
+    from orchestrator.alerts import TopicSink
+
+    sinks: dict[str, AlertSink] = {}
+    if topic_publisher is not None:
+        sinks["pubsub"] = TopicSink(topic_publisher)
+    if settings.alert_webhook_url is not None and settings.alert_webhook_url.get_secret_value():
+        from orchestrator.adapters.webhook import WebhookSink
+
+        sinks["webhook"] = WebhookSink(settings.alert_webhook_url.get_secret_value())
+    return sinks
+
+
 class Runtime:
     def __init__(
         self,
@@ -86,6 +103,7 @@ class Runtime:
         warehouse_factory: Callable[[], Warehouse] | None = None,
         object_store_factory: Callable[[], ObjectStore] | None = None,
         events_publisher: Publisher | None = None,
+        alert_sinks: Mapping[str, AlertSink] | None = None,
     ):
         self.settings = settings
         self.db = db
@@ -106,6 +124,8 @@ class Runtime:
             on_batch_finished=self._batch_finished,
             default_concurrency=settings.default_concurrency,
             continuation_s=settings.continuation_s,
+            alert_sinks=alert_sinks if alert_sinks is not None else make_alert_sinks(settings),
+            alert_events=parse_alert_events(settings.alert_events),
         )
         if bus is not None:
             bus.attach(self._route)
@@ -141,8 +161,10 @@ class Runtime:
                          pool_timeout=settings.db_pool_timeout_s)
         if not settings.gcp_project:
             raise RuntimeError("ORCHESTRATOR_GCP_PROJECT is not set")
+        alerts = PubSubPublisher(settings.gcp_project, settings.alerts_topic)
         return cls(settings, db, PubSubPublisher(settings.gcp_project, settings.tasks_topic),
-                   events_publisher=PubSubPublisher(settings.gcp_project, settings.events_topic))
+                   events_publisher=PubSubPublisher(settings.gcp_project, settings.events_topic),
+                   alert_sinks=make_alert_sinks(settings, alerts))
 
     # -- operations -------------------------------------------------------------------
 
@@ -209,6 +231,14 @@ class Runtime:
 
     def on_batch_finished(self, callback: Callable[[BatchFinished], None]) -> None:
         self._finished_listeners.append(callback)
+
+    def on_alert(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call `callback(alert)` for each alert this process creates (the `dev` console)."""
+        self.router.alerts.on_alert(callback)
+
+    def on_scheduled(self, callback: Callable[[Any], None]) -> None:
+        """Call `callback(started)` for each batch a schedule tick of this process starts."""
+        self.router.schedules.on_started(callback)
 
     def subscribe(self, callback: Callback, *, from_start: bool = False) -> Subscription:
         """Call `callback(event)` for every transition from now on (schema

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 HOME_DIR = Path(".orchestrator")
@@ -89,6 +89,15 @@ class Settings(BaseSettings):
     # A worker that finishes a task runs one of the children it just queued itself,
     # for up to this long per delivery (0 turns it off): no publish, no second hop.
     continuation_s: float = Field(default=30.0, json_schema_extra=cloud(DEFAULT))
+
+    # Alerts go to the `alerts` Pub/Sub topic (cloud) and to a webhook that takes a
+    # Slack-compatible message; its URL is a credential (mounted from Secret Manager
+    # into sweep when the deployment has one), never written in a pipeline file.
+    alerts_topic: str = Field(default="alerts", json_schema_extra=cloud(DEPLOYED))
+    alert_webhook_url: SecretStr | None = Field(default=None, json_schema_extra=cloud(DEFAULT))
+    # What alerts when a pipeline's file does not say (comma-separated).
+    alert_events: str = Field(default="batch_failed,deadline_missed,deadline_warning,file_late",
+                              json_schema_extra=cloud(DEPLOYED))
 
     @field_validator("buckets", "datasets", mode="before")
     @classmethod

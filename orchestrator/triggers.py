@@ -12,7 +12,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator import engine, logs
+from orchestrator import deadlines, engine, logs
 from orchestrator.db.models import Pipeline, Task
 from orchestrator.db.session import transaction
 from orchestrator.dispatcher import Dispatcher, RouteResult
@@ -43,7 +43,7 @@ class StorageTriggers:
 
             def release(s: Session, pipeline: str = pipeline, task: str = task,
                         batch_id: str = batch_id) -> tuple[engine.Started, Outcome]:
-                started = engine.start_batch(s, pipeline, batch_id, {}, now)
+                started = deadlines.start_batch(s, pipeline, batch_id, {}, now)
                 row = engine.resolve_task(s, pipeline, batch_id, task)
                 return started, engine.release_waiting_root(s, row, obj.as_trigger(), now)
 

@@ -251,7 +251,10 @@ def test_sweep_returns_its_report_as_json(rt: Runtime) -> None:
     resp = function_client("sweep").post("/")
     assert resp.status_code == 200
     assert resp.get_json() == {"requeued": 0, "redispatched": 0, "expired": 0,
-                               "cancelled_batches": 0, "closed_batches": 0, "errors": []}
+                               "closed_batches": 0, "scheduled": 0, "missed_deadlines": 0,
+                               "deadline_warnings": 0, "files_late": 0, "files_failed": 0,
+                               "alerts_created": 0, "alerts_delivered": 0,
+                               "alerts_retrying": 0, "errors": []}
 
 
 def test_status_returns_the_batch_as_json(rt: Runtime, published: RecordingPublisher) -> None:

@@ -14,10 +14,15 @@ ENGINE_MAY_IMPORT = ("orchestrator.engine", "orchestrator.db", "orchestrator.sta
 # Each router unit, and the units it may use.
 UNITS = {
     "orchestrator.dispatcher": set(),
+    "orchestrator.alerts": set(),
+    "orchestrator.deadlines": {"orchestrator.dispatcher", "orchestrator.alerts"},
+    "orchestrator.schedules": {"orchestrator.dispatcher", "orchestrator.deadlines"},
     "orchestrator.worker": {"orchestrator.dispatcher"},
-    "orchestrator.sweeper": {"orchestrator.dispatcher"},
-    "orchestrator.triggers": {"orchestrator.dispatcher"},
-    "orchestrator.delivery": {"orchestrator.dispatcher", "orchestrator.worker"},
+    "orchestrator.sweeper": {"orchestrator.dispatcher", "orchestrator.schedules",
+                             "orchestrator.deadlines", "orchestrator.alerts"},
+    "orchestrator.triggers": {"orchestrator.dispatcher", "orchestrator.deadlines"},
+    "orchestrator.delivery": {"orchestrator.dispatcher", "orchestrator.worker",
+                              "orchestrator.deadlines"},
 }
 
 

@@ -194,15 +194,20 @@ def test_a_finished_batch_left_open_is_closed_once(
         assert s.execute(select(Batch.status)).scalar_one() == "SUCCESS"
 
 
-def test_a_batch_past_its_deadline_is_cancelled_and_late_deliveries_are_ignored(
+def test_a_batch_past_its_deadline_fails_its_open_tasks_are_cancelled_late_deliveries_ignored(
         router: Router, published: RecordingPublisher, clock: FakeClock) -> None:
-    """Deadline passed: open tasks -> CANCELLED; a late run message is a no-op."""
+    """Deadline passed: open tasks -> CANCELLED, the batch FAILED with the reason; a
+    late run message is a no-op."""
     sync(router.sessions, spec_from_edges("dl", {"a": [], "b": ["a"]}), clock.now())
     lost = start_lost(router, "dl", deadline_s=300)
     clock.advance(299)
-    assert router.sweep().cancelled_batches == 0
+    assert router.sweep().missed_deadlines == 0
     clock.advance(2)
-    assert router.sweep().cancelled_batches == 1
+    assert router.sweep().missed_deadlines == 1
     assert statuses(router.sessions) == {"a": "CANCELLED", "b": "CANCELLED"}
+    with router.sessions() as s:
+        assert s.execute(select(Batch.status)).scalar_one() == "FAILED"
+        errors = set(s.execute(select(TaskLog.error)).scalars())
+    assert errors == {"deadline 12:05 UTC passed"}
     assert router.handle_payload(dict(lost.dropped[0].data)).outcome == "duplicate"
-    assert router.sweep().cancelled_batches == 0
+    assert router.sweep().missed_deadlines == 0

@@ -103,9 +103,11 @@ def start_batch(
 
 
 def cancel_batch(session: Session, pipeline: str, batch_id: str, now: datetime,
-                 reason: str = "cancelled") -> int:
-    """Every open task -> CANCELLED, at once. A RUNNING handler sees it at its next
-    `is_active()` check, and its late result is fenced off. Returns tasks cancelled."""
+                 reason: str = "cancelled", *, final: BatchStatus = BatchStatus.CANCELLED,
+                 detail: dict[str, Any] | None = None) -> int:
+    """Every open task -> CANCELLED, at once, and the batch -> `final` (FAILED for a
+    missed deadline). A RUNNING handler sees it at its next `is_active()` check, and
+    its late result is fenced off. Returns tasks cancelled."""
     batch = lookup.find_batch(session, pipeline, batch_id)
     rows = session.execute(
         update(TaskLog)
@@ -117,13 +119,13 @@ def cancel_batch(session: Session, pipeline: str, batch_id: str, now: datetime,
     ).all()
     changed = session.connection().execute(
         update(Batch).where(Batch.id == batch.id, Batch.status == BatchStatus.RUNNING)
-        .values(status=BatchStatus.CANCELLED, finished_at=now)
+        .values(status=final, finished_at=now)
         .execution_options(synchronize_session=False)
     ).rowcount
     record(session, [
         *(event(batch.id, t, a, None, S.CANCELLED, now, {"reason": reason}) for t, a in rows),
-        *([event(batch.id, None, None, BatchStatus.RUNNING, BatchStatus.CANCELLED, now,
-                 {"reason": reason})] if changed else []),
+        *([event(batch.id, None, None, BatchStatus.RUNNING, final, now,
+                 {"reason": reason, **(detail or {})})] if changed else []),
     ])
     return len(rows)
 
