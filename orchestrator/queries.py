@@ -14,6 +14,9 @@ field is only ever added within a version, never renamed or removed)::
       "created_at": "2024-04-01T00:00:00+00:00",
       "finished_at": null | "...",
       "duration_s": null | 12.5,
+      "deadline_at": null | "...",    # when it fails if not done (`deadline:`)
+      "warn_at": null | "...",        # when `deadline_warning` alerts (cleared once it has)
+      "logical_at": null | "...",     # the schedule tick it runs for
       "counts": {"SUCCESS": 2, "PENDING": 1},      # only the statuses present
       "tasks": [                                   # in topological order
         {"task": "load_sales", "status": "SUCCESS",
@@ -42,6 +45,8 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskEvent, TaskLog
 from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.pipeline import versions
+from orchestrator.pipeline.timing import local_clock
 from orchestrator.status import TaskStatus
 
 SCHEMA = "orchestrator.batch_status/v1"
@@ -207,6 +212,9 @@ def batch_status(session: Session, batch_id: str, pipeline: str | None = None) -
         "created_at": _iso(batch.created_at),
         "finished_at": _iso(batch.finished_at),
         "duration_s": _seconds(batch.created_at, batch.finished_at),
+        "deadline_at": _iso(batch.deadline_at),
+        "warn_at": _iso(batch.warn_at),
+        "logical_at": _iso(batch.logical_at),
         "counts": {k.value: counts[k] for k in S if k in counts},
         "tasks": tasks,
     }
@@ -333,6 +341,44 @@ def why(session: Session, batch_id: str, task: str, now: datetime,
     r = rows[tid]
     parents = _parents(session, batch)
     status = _value(r.status)
+    rules = versions.rules(session, batch.pipeline_id, batch.pipeline_version)
+    answer = _why(batch, rows, tid, parents, now, rules)
+    if (status in (S.PENDING, S.QUEUED, S.RUNNING, S.RETRYING)
+            and batch.deadline_at is not None and _value(batch.status) == "RUNNING"):
+        answer += (f" The batch's deadline is {local_clock(batch.deadline_at, rules.tz)} "
+                   f"({_until(now, batch.deadline_at)}): its open tasks are cancelled then and "
+                   "it fails.")
+    return answer
+
+
+def _until(now: datetime, then: datetime) -> str:
+    if then <= now:
+        return f"passed {_ago(now, then)} ago"
+    return f"in {_ago(then, now)}"
+
+
+def _file_wait(batch: Batch, r: Any, now: datetime, rules: versions.VersionRules) -> str:
+    """When a waited-for file is due, and whether it is late."""
+    f = rules.files.get(r.name)
+    if f is None:
+        return ""
+    logical = batch.logical_at or batch.created_at
+    expected = f.expected_by.resolve(batch.created_at, logical, rules.tz) if f.expected_by else None
+    fail = f.fail_after.resolve(batch.created_at, logical, rules.tz) if f.fail_after else None
+    parts = []
+    if expected is not None:
+        parts.append(f"late since {local_clock(expected, rules.tz)}" if expected <= now
+                     else f"expected by {local_clock(expected, rules.tz)}")
+    if fail is not None:
+        parts.append(f"the task fails at {local_clock(fail, rules.tz)}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _why(batch: Batch, rows: dict[int, Any], tid: int, parents: dict[int, list[int]],
+         now: datetime, rules: versions.VersionRules) -> str:
+    r = rows[tid]
+    task = r.name
+    status = _value(r.status)
     head = f"{task}: "
 
     if status == S.SUCCESS:
@@ -340,7 +386,8 @@ def why(session: Session, batch_id: str, task: str, now: datetime,
         extra = f" in {took:.1f} s" if took is not None else ""
         return head + f"succeeded at {_hm(r.finished_at)} on attempt {r.attempt}{extra}."
     if status == S.CANCELLED:
-        return head + f"cancelled at {_hm(r.finished_at)}; `batch retry` runs it again."
+        reason = f" ({_first_line(r.error)})" if r.error and r.error != "cancelled" else ""
+        return head + f"cancelled at {_hm(r.finished_at)}{reason}; `batch retry` runs it again."
     if status == S.ERROR:
         return head + (f"failed on {_attempt(r)} at {_hm(r.finished_at)} with: "
                        f"{_first_line(r.error)}")
@@ -373,7 +420,7 @@ def why(session: Session, batch_id: str, task: str, now: datetime,
     # PENDING
     if r.waiting_for_file:
         uri = f"gs://{r.gcs_bucket}/{(r.gcs_pattern or '').replace('{batch_id}', batch.batch_id)}"
-        return head + f"waiting for its file {uri}"
+        return head + f"waiting for its file {uri}{_file_wait(batch, r, now, rules)}"
     waiting = [p for p in sorted(parents.get(tid, [])) if p in rows
                and _value(rows[p].status) not in (S.SUCCESS, S.ERROR, S.UPSTREAM_FAILED,
                                                   S.SKIPPED, S.CANCELLED)]
@@ -391,7 +438,8 @@ def why(session: Session, batch_id: str, task: str, now: datetime,
             details.append(f"{pr.name} QUEUED since {_hm(pr.queued_at)}")
         elif pr.waiting_for_file:
             uri = f"gs://{pr.gcs_bucket}/{(pr.gcs_pattern or '').replace('{batch_id}', batch.batch_id)}"
-            details.append(f"{pr.name} waiting for its file {uri}")
+            details.append(f"{pr.name} waiting for its file {uri}"
+                           f"{_file_wait(batch, pr, now, rules)}")
         else:
             details.append(f"{pr.name} PENDING")
     word = "parent" if len(waiting) == 1 else "parents"

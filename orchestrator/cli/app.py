@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.text import Text
 
 from orchestrator import logs, queries
 from orchestrator.cli import render
@@ -27,6 +28,7 @@ from orchestrator.cli.ops import (
     BucketWatcher,
     batch_ids_between,
     buckets_root,
+    deadline_seconds,
     drop,
     fire,
     force_release,
@@ -70,9 +72,14 @@ batch_app = typer.Typer(
     help="Start, cancel, retry and backfill batches.\n\n"
          "Example: [bold]orchestrator batch start monthly_profit 2024-03[/bold]",
     no_args_is_help=True, context_settings=CONTEXT)
+schedules_app = typer.Typer(
+    help="Cron schedules: list them (last and next runs), pause or resume one.\n\n"
+         "Example: [bold]orchestrator schedules pause daily_sales[/bold]",
+    invoke_without_command=True, context_settings=CONTEXT)
 app.add_typer(db_app, name="db")
 app.add_typer(pipelines_app, name="pipelines")
 app.add_typer(batch_app, name="batch")
+app.add_typer(schedules_app, name="schedules")
 
 # Piped output gets wide lines rather than wrapped cells; a terminal uses its width.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -286,6 +293,10 @@ def batch_start(
     batch_id: Annotated[str, typer.Argument(help="The batch id, e.g. 2024-03.")],
     param: Annotated[list[str] | None, typer.Option(
         "--param", help="A batch parameter, key=value; repeatable.")] = None,
+    deadline: Annotated[str | None, typer.Option(
+        "--deadline", help="Fail the batch (cancelling its open tasks) if not done by then: a "
+                           "duration (2h, 90m) or a clock time (\"07:30\", in the pipeline's "
+                           "time zone). Default: the pipeline's `deadline:`.")] = None,
     timeout: Annotated[float, typer.Option(help=TIMEOUT_HELP)] = 600.0,
 ) -> None:
     """Start a batch. Tasks with a file trigger wait for their file.
@@ -297,7 +308,8 @@ def batch_start(
     """
     params = parse_params(param)
     with runtime() as rt:
-        started = rt.start_batch(pipeline, batch_id, params)
+        deadline_s = deadline_seconds(rt, pipeline, deadline) if deadline else None
+        started = rt.start_batch(pipeline, batch_id, params, deadline_s=deadline_s)
         if not started:
             err.print(f"batch {pipeline}/{batch_id} already exists; "
                       "`orchestrator batch retry` reruns its failed part")
@@ -530,6 +542,91 @@ def events(
         out.print(render.events_table(rows))
 
 
+# -- schedules and alerts -------------------------------------------------------------------
+
+
+@schedules_app.callback()
+@handle_errors
+def schedules_list(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """Every schedule: its cron and time zone, paused or not, its last run and its next
+    three, in its own time zone.
+
+    Example: [bold]orchestrator schedules[/bold]
+    """
+    from orchestrator import schedules
+    from orchestrator.ports import SystemClock
+
+    if ctx.invoked_subcommand is not None:
+        return
+    with read_session() as s:
+        rows = schedules.listing(s, SystemClock().now())
+    if json_out:
+        _emit_json({"schema": "orchestrator.schedules/v1", "schedules": rows})
+    elif not rows:
+        err.print("no schedules: add `schedule:` to a pipeline file and sync it")
+    else:
+        out.print(render.schedules_table(rows))
+
+
+def _pause(pipeline: str, paused: bool) -> None:
+    from orchestrator import schedules
+    from orchestrator.db.session import transaction
+
+    with runtime(embedded_only=True) as rt:
+        now = rt.clock.now()
+        changed = transaction(rt.sessions, lambda s: schedules.set_paused(s, pipeline, paused, now))
+    word = "paused" if paused else "resumed"
+    out.print(f"{pipeline}: schedule {word}" if changed else f"{pipeline}: schedule already {word}")
+
+
+@schedules_app.command("pause")
+@handle_errors
+def schedules_pause(pipeline: Annotated[str, typer.Argument(help="The pipeline.")]) -> None:
+    """Stop a pipeline's schedule from starting batches (stored in the database, so
+    every sweeper honours it).
+
+    Example: [bold]orchestrator schedules pause daily_sales[/bold]
+    """
+    _pause(pipeline, True)
+
+
+@schedules_app.command("resume")
+@handle_errors
+def schedules_resume(pipeline: Annotated[str, typer.Argument(help="The pipeline.")]) -> None:
+    """Let a paused schedule start batches again, from its next tick (the ticks of the
+    pause are not caught up on).
+
+    Example: [bold]orchestrator schedules resume daily_sales[/bold]
+    """
+    _pause(pipeline, False)
+
+
+@app.command("alerts")
+@handle_errors
+def alerts_list(
+    pipeline: PipelineOpt = None,
+    limit: Annotated[int, typer.Option(help="How many recent alerts to list.")] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine output.")] = False,
+) -> None:
+    """The recent alerts and their delivery on each channel (delivered, retrying, given up).
+
+    Example: [bold]orchestrator alerts --limit 5[/bold]
+    """
+    from orchestrator import alerts
+
+    with read_session() as s:
+        rows = alerts.recent(s, limit=limit, pipeline=pipeline)
+    if json_out:
+        _emit_json({"schema": "orchestrator.alerts/v1", "alerts": rows})
+    elif not rows:
+        err.print("no alerts yet")
+    else:
+        out.print(render.alerts_table(rows))
+
+
 # -- maintenance and the local runtime ------------------------------------------------------
 
 
@@ -588,7 +685,8 @@ def run(
 @handle_errors
 def sweep() -> None:
     """One maintenance pass: requeue due retries, republish unclaimed tasks, expire
-    leases, cancel overdue batches and close finished ones.
+    leases, close finished batches; start due schedule ticks, apply deadlines and late
+    files, and send alerts.
 
     Example: [bold]orchestrator sweep[/bold]
     """
@@ -597,8 +695,10 @@ def sweep() -> None:
         if rt.bus is not None:
             rt.bus.drain(timeout=60)
     out.print(f"requeued {report.requeued}, redispatched {report.redispatched}, "
-              f"expired {report.expired}, cancelled {report.cancelled_batches} batch(es), "
-              f"closed {report.closed_batches} batch(es)")
+              f"expired {report.expired}, closed {report.closed_batches} batch(es); "
+              f"scheduled {report.scheduled}, missed deadlines {report.missed_deadlines}, "
+              f"late files {report.files_late}; alerts created {report.alerts_created}, "
+              f"delivered {report.alerts_delivered}, retrying {report.alerts_retrying}")
     for e in report.errors:
         err.print(f"warning: {e}")
 
@@ -646,7 +746,9 @@ def dev(
     """Run the embedded runtime in the foreground until Ctrl-C.
 
     It watches the local bucket folders (ORCHESTRATOR_HOME/buckets/<bucket>/…) for
-    new files, fires their finalize events, and runs the sweeper.
+    new files, fires their finalize events, and runs the sweeper: schedules start
+    their batches on time, deadlines apply, and alerts print here (and go to
+    ORCHESTRATOR_ALERT_WEBHOOK_URL if set).
 
     Example: [bold]orchestrator dev --pipelines examples/[/bold], then in another shell
     [bold]cp _SUCCESS .orchestrator/buckets/landing/sales/2024-03/[/bold]
@@ -668,7 +770,20 @@ def dev(
             out.print(render.status_text(str(f.status)), end="")
             out.print(f" in {f.duration_s:.1f} s")
 
+        def alerted(alert: dict[str, Any]) -> None:
+            out.print(Text(f"alert {alert['kind']}: {alert['pipeline']}/{alert['batch_id']}: "
+                           f"{alert['title']}", style=render.ALERT_STYLE[alert["severity"]]))
+            if alert.get("error"):
+                out.print(f"  {alert['error']}")
+            if alert.get("command"):
+                out.print(f"  more: {alert['command']}")
+
+        def scheduled(started: Any) -> None:
+            out.print(f"schedule {started.pipeline}: started batch {started.batch_id}")
+
         rt.on_batch_finished(finished)
+        rt.on_alert(alerted)
+        rt.on_scheduled(scheduled)
         root = buckets_root(rt)
         root.mkdir(parents=True, exist_ok=True)
         watcher = BucketWatcher(root)

@@ -214,3 +214,31 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
             raise UsageProblem(f"malformed --param {item!r}: use key=value")
         params[key.strip()] = value
     return params
+
+
+def deadline_seconds(rt: Any, pipeline: str, text: str) -> float:
+    """`--deadline`: a duration (`2h`), or a clock time (`07:30`, in the pipeline's time
+    zone, the first one from now), as seconds from now."""
+    from pydantic import ValidationError
+
+    from orchestrator.errors import NotFound
+    from orchestrator.pipeline.timing import TimeRule, clock_at_or_after
+    from orchestrator.pipeline.versions import rules
+
+    try:
+        rule = TimeRule.model_validate(text)
+    except ValidationError:
+        raise UsageProblem(f"--deadline {text!r}: give a duration such as 2h or 90m, or a "
+                           "clock time such as 07:30") from None
+    if rule.after_s is not None:
+        return rule.after_s
+    assert rule.at is not None
+    with rt.sessions() as s:
+        found = s.execute(select(Pipeline.id, Pipeline.version)
+                          .where(Pipeline.name == pipeline)).first()
+        if found is None:
+            raise NotFound(f"unknown pipeline {pipeline!r} (run `orchestrator pipelines sync` "
+                           "first)")
+        tz = rules(s, found[0], found[1]).tz
+    now = rt.clock.now()
+    return max(1.0, (clock_at_or_after(rule.at, now, tz) - now).total_seconds())

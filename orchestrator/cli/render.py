@@ -23,6 +23,9 @@ STYLE = {
 }
 
 
+ALERT_STYLE = {"error": "bold red", "warning": "dark_orange", "info": "green"}
+
+
 def status_text(status: str | None) -> Text:
     return Text(status or "", style=STYLE.get(status or "", ""))
 
@@ -76,6 +79,8 @@ def batch_header(doc: dict[str, Any]) -> Text:
     head.append_text(counts_text(doc["counts"]))
     if doc.get("duration_s") is not None:
         head.append(f"  ·  {seconds(doc['duration_s'])}")
+    if doc.get("deadline_at") and doc["status"] == "RUNNING":
+        head.append(f"  ·  deadline {date_time(doc['deadline_at'])} UTC", style="dark_orange")
     return head
 
 
@@ -150,3 +155,30 @@ def pipeline_table(doc: dict[str, Any]) -> Group:
         table.add_row(t["task"], t["handler"], ", ".join(t["depends_on"]), t["trigger_rule"],
                       str(t["max_attempts"]), seconds(t["timeout_s"]), t["gcs_trigger"] or "")
     return Group(head, table)
+
+
+def schedules_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(show_edge=False, header_style="bold", pad_edge=False)
+    for col in ("pipeline", "cron", "time zone", "batch id", "state", "last run", "next runs"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        last = Text()
+        if r["last_batch_id"]:
+            last = Text(f"{r['last_batch_id']} ")
+            last.append_text(status_text(r["last_status"]))
+        table.add_row(r["pipeline"], r["cron"], r["timezone"], r["batch_id"],
+                      Text("paused", style="magenta") if r["paused"] else Text("active"),
+                      last, "\n".join(date_time(n) for n in r["next"]))
+    return table
+
+
+def alerts_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(show_edge=False, header_style="bold", pad_edge=False)
+    for col in ("id", "at (UTC)", "kind", "batch", "task", "title", "delivery"):
+        table.add_column(col, overflow="fold" if col in ("title", "delivery") else "ellipsis")
+    for r in rows:
+        delivery = ", ".join(f"{d['channel']} {d['state']}" for d in r["deliveries"]) or "none"
+        table.add_row(str(r["id"]), date_time(r["created_at"]),
+                      Text(r["kind"], style=ALERT_STYLE.get(r["severity"], "")),
+                      f"{r['pipeline']}/{r['batch_id']}", r["task"] or "", r["title"], delivery)
+    return table
