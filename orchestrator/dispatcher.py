@@ -21,6 +21,7 @@ from orchestrator.engine import concurrency, maintenance
 from orchestrator.engine.types import BatchFinished, Dispatch, Outcome, TaskRow
 from orchestrator.errors import InfrastructureError
 from orchestrator.ports import Clock, OutboundMessage, Publisher
+from orchestrator.status import BatchStatus
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,12 @@ class Dispatcher:
                                lambda s: engine.close_batch_if_done(s, batch_pk, now))
         if finished is None:
             return False
-        logs.info(f"batch finished: {finished.status} in {finished.duration_s:.3f}s",
-                  pipeline=finished.pipeline, batch_id=finished.batch_id)
+        # A failed batch's line is an ERROR with `event`, which a log-based alert matches.
+        failed = finished.status == BatchStatus.FAILED
+        (logs.error if failed else logs.info)(
+            f"batch finished: {finished.status} in {finished.duration_s:.3f}s",
+            pipeline=finished.pipeline, batch_id=finished.batch_id,
+            event="batch_failed" if failed else "batch_finished")
         if self.on_batch_finished is not None:
             self.on_batch_finished(finished)
         return True

@@ -223,3 +223,19 @@ def reset_process_caches() -> None:
 
     maintenance._batch_names.clear()
     catalog.clear()
+
+
+class RecordingAlertSink:
+    """An alert channel that keeps every alert it is sent, in order; thread-safe."""
+
+    def __init__(self) -> None:
+        self.alerts: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def send(self, alert: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.alerts.append(dict(alert))
+
+    def kinds(self, kind: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [a for a in self.alerts if a["kind"] == kind]

@@ -376,7 +376,9 @@ def test_dev_watches_the_bucket_folders_and_runs_what_lands(tmp_path):
         marker.parent.mkdir(parents=True)
         marker.write_text("")
         deadline = time.monotonic() + 15
-        while not any("finished" in line for line in lines):
+        # The bus thread may print the batch's end before the main thread prints the drop.
+        while not (any("finished" in line for line in lines)
+                   and any("→" in line for line in lines)):
             assert time.monotonic() < deadline, lines
             lines.append(proc.stdout.readline())
     finally:
