@@ -24,6 +24,8 @@ locals {
     ORCHESTRATOR_BQ_DATASET      = var.bq_default_dataset
     ORCHESTRATOR_BQ_LOCATION     = local.bq_location
     ORCHESTRATOR_LOG_FORMAT      = var.log_format
+    ORCHESTRATOR_ALERTS_TOPIC    = google_pubsub_topic.alerts.name
+    ORCHESTRATOR_ALERT_EVENTS    = join(",", var.alert_events)
   }
 
   # The settings win over extra_environment.
@@ -157,7 +159,7 @@ resource "google_cloudfunctions2_function" "sweep" {
   project     = var.project_id
   name        = "${var.name_prefix}-sweep"
   location    = var.region
-  description = "Periodic maintenance: re-publishes unclaimed tasks, expires leases, closes finished batches."
+  description = "Periodic maintenance and the clock: re-publishes unclaimed tasks, expires leases, closes finished batches, starts scheduled batches, applies deadlines, sends alerts."
   labels      = local.labels
 
   build_config {
@@ -195,10 +197,22 @@ resource "google_cloudfunctions2_function" "sweep" {
       secret     = google_secret_manager_secret.db_password.secret_id
       version    = "latest"
     }
+
+    # The alert webhook's URL (see alerts.tf): only sweep delivers alerts.
+    dynamic "secret_environment_variables" {
+      for_each = var.alert_webhook_secret == null ? [] : [var.alert_webhook_secret]
+      content {
+        key        = "ORCHESTRATOR_ALERT_WEBHOOK_URL"
+        project_id = var.project_id
+        secret     = secret_environment_variables.value
+        version    = "latest"
+      }
+    }
   }
 
   depends_on = [
     google_secret_manager_secret_iam_member.db_password,
+    google_secret_manager_secret_iam_member.alert_webhook,
     time_sleep.build_grants,
     terraform_data.migrate,
   ]

@@ -9,6 +9,7 @@
 #   migrations.tf  Cloud Run job running `orchestrator db upgrade` on deploy
 #   data.tf        landing buckets, access-log bucket, BigQuery dataset
 #   iam.tf         one service account per role and its narrow grants
+#   alerts.tf      the alerts topic, the webhook secret, the failed-batch alert policy
 
 # Read during apply, once the Cloud Resource Manager API it needs is enabled.
 data "google_project" "this" {
