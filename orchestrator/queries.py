@@ -345,6 +345,7 @@ def why(session: Session, batch_id: str, task: str, now: datetime,
     answer = _why(batch, rows, tid, parents, now, rules)
     if (status in (S.PENDING, S.QUEUED, S.RUNNING, S.RETRYING)
             and batch.deadline_at is not None and _value(batch.status) == "RUNNING"):
+        answer = answer if answer.endswith(".") else answer + "."
         answer += (f" The batch's deadline is {local_clock(batch.deadline_at, rules.tz)} "
                    f"({_until(now, batch.deadline_at)}): its open tasks are cancelled then and "
                    "it fails.")

@@ -229,3 +229,17 @@ def test_a_pipeline_without_time_rules_keeps_its_definition_hash() -> None:
         "04775ea7ee1fc690eb3246734e5d8acbb551fac10f40453a537547f848a7c715")
     assert "schedule" not in spec.canonical()
     assert "expected_by" not in spec.canonical()["tasks"][0]["gcs_trigger"]
+
+
+def test_the_readme_example_is_a_valid_pipeline() -> None:
+    """The "Schedules and alerts" section's file, as a user would copy it."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Schedules and alerts", 1)[1]
+    text = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = build_pipeline(yaml.safe_load(text))
+    assert spec.schedule is not None and spec.schedule.timezone == "Europe/Paris"
+    assert spec.deadline is not None and spec.alerts is not None
+    trigger = spec.task("load_sales").gcs_trigger
+    assert trigger is not None and trigger.expected_by is not None

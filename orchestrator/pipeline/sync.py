@@ -95,13 +95,18 @@ def _sync_time_rules(session: Session, spec: PipelineSpec, pipeline_pk: int, ver
         select(PipelineVersion.schedule).where(PipelineVersion.pipeline_id == pipeline_pk,
                                                PipelineVersion.version == version - 1)
     ).first()
+    rules = {
+        "schedule": spec.schedule.model_dump(mode="json") if spec.schedule else None,
+        "deadline": spec.deadline.model_dump(mode="json") if spec.deadline else None,
+        "alerts": spec.alerts.model_dump(mode="json") if spec.alerts else None,
+        "files": files or None,
+    }
+    # An absent rule is SQL NULL (a None would be stored as JSON null), so a query for
+    # the versions that have one can use IS NOT NULL.
     session.execute(insert(PipelineVersion).values(
-        pipeline_id=pipeline_pk, version=version,
+        pipeline_id=pipeline_pk, version=version, created_at=now,
         timezone=spec.schedule.timezone if spec.schedule else "UTC",
-        schedule=spec.schedule.model_dump(mode="json") if spec.schedule else None,
-        deadline=spec.deadline.model_dump(mode="json") if spec.deadline else None,
-        alerts=spec.alerts.model_dump(mode="json") if spec.alerts else None,
-        files=files or None, created_at=now,
+        **{k: v for k, v in rules.items() if v is not None},
     ))
     if spec.schedule is None:
         return
