@@ -157,17 +157,17 @@ def test_a_task_that_outlives_its_timeout_is_retried_then_errors_and_its_late_re
     assert "lease expired" in events[-1][4]["error"]
 
 
-def test_a_batch_past_its_deadline_is_cancelled(
+def test_a_batch_past_its_deadline_fails_and_its_open_tasks_are_cancelled(
         router: Router, published: RecordingPublisher, clock: FakeClock,
         pg_sessions: sessionmaker[Session], pg_engine: Engine) -> None:
     """A batch with a 120 s deadline whose root keeps retrying: the first sweep after
-    the deadline cancels it and every open task, and not one sweep earlier."""
+    the deadline cancels every open task and fails the batch, and not one sweep earlier."""
     retry = {"max_attempts": 50, "initial_delay_s": 30, "backoff_factor": 1}
     sync(pg_sessions, rel.pipeline("late", [task("root", retry=retry, flaky_p=1.0),
                                             task("child", ["root"])]), clock.now())
     start(router, "late", deadline_s=120)
     t0 = clock.now()
-    assert run_to_end(router, published, clock, pg_engine) == "CANCELLED"
+    assert run_to_end(router, published, clock, pg_engine) == "FAILED"
     assert (clock.now() - t0).total_seconds() == 121
     states = rel.task_states(pg_engine)
     assert states[("b1", "root")][0] == "CANCELLED"
