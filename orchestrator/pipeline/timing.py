@@ -99,8 +99,8 @@ def parse_duration(value: Any) -> float:
 def parse_clock(value: Any) -> time:
     """`"07:30"` or `"07:30:15"` -> a time of day."""
     if isinstance(value, int) and not isinstance(value, bool):
-        # YAML 1.1 reads an unquoted 07:30 as the base-60 number 450.
-        raise ValueError(f"write clock times in quotes, e.g. \"07:30\" (YAML read {value!r} "
+        # YAML 1.1 reads an unquoted 17:30 as the base-60 number 1050.
+        raise ValueError(f"write clock times in quotes, e.g. \"17:30\" (YAML read {value!r} "
                          "as a number)")
     m = _CLOCK_RE.match(value.strip()) if isinstance(value, str) else None
     if m is None:
@@ -167,7 +167,7 @@ class TimeRule(_Frozen):
         if isinstance(value, str) and _CLOCK_RE.match(value.strip()):
             return {"at": parse_clock(value)}
         if isinstance(value, int | float) and not isinstance(value, bool):
-            # Unquoted 06:30 is 390 in YAML 1.1: refuse rather than guess.
+            # Unquoted 6:30 is 390 in YAML 1.1: refuse rather than guess.
             raise ValueError(f"write a clock time in quotes (\"06:30\") or a duration with "
                              f"its unit (\"30m\"), got the number {value!r}")
         return {"after_s": parse_duration(value)}
