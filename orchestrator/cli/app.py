@@ -803,6 +803,37 @@ def dev(
             rt.bus.drain(timeout=10)
 
 
+@app.command("ui")
+@handle_errors
+def ui(
+    host: Annotated[str, typer.Option(
+        help="Address to listen on. Anything but loopback exposes the UI to your network: "
+             "put it behind an authenticating proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+    read_only: Annotated[bool, typer.Option(
+        "--read-only", help="Show, never act: no start, retry or cancel; no migration.")] = False,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        "--allow-host", help="Also accept requests for this host name (e.g. behind a proxy); "
+                             "repeatable.")] = None,
+) -> None:
+    """A web UI over the task log: batches, their DAG and timeline, tasks, events; start,
+    retry and cancel.
+
+    On the embedded runtime, the work an action queues runs in this process.
+
+    Example: [bold]orchestrator ui --read-only[/bold], then open http://127.0.0.1:8080
+    """
+    from orchestrator.ui.server import serve
+
+    s = settings()
+    mode = " (read-only)" if read_only else ""
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"orchestrator ui{mode}: http://{shown}:{port}/  database {db_label(s)}; "
+              "Ctrl-C to stop")
+    serve(s, host=host, port=port, read_only=read_only, extra_hosts=allow_host or [],
+          cloud=is_cloud(s))
+
+
 def main() -> None:
     """Entry point: usage errors become one line too, never a traceback."""
     try:

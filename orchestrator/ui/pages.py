@@ -1,0 +1,300 @@
+"""Each page is a list of panels; each panel is one template fed by one load function.
+
+A page first builds its context (the batch, task or pipeline it is about, read once),
+then every panel's `load(session, page)` returns the data its template shows. A new
+panel is one function and one template added to a list below; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import yaml
+from sqlalchemy.orm import Session
+
+from orchestrator import queries
+from orchestrator.ui import layout, reads
+from orchestrator.ui.urls import task_url
+
+GRAPH_LIMIT = 300  # tasks; a larger DAG is a table, not a picture
+TIMELINE_LIMIT = 300  # attempts drawn in the batch's timeline
+TASK_ATTEMPTS_LIMIT = 200
+TABLE_PAGE = 200  # task rows per page of the batch's table
+EVENTS_PAGE = 500
+TASK_EVENTS_LIMIT = 200
+INSTANCES_LIMIT = 200
+RECENT_RUNS = 20
+BATCHES_PAGE = 50
+ERROR_PREVIEW = 160
+
+TERMINAL_BATCH = ("SUCCESS", "FAILED", "CANCELLED")
+FAILED_TASK = ("ERROR", "UPSTREAM_FAILED", "CANCELLED")
+
+
+@dataclass(frozen=True)
+class Panel:
+    template: str
+    load: Callable[[Session, Any], dict[str, Any]]
+
+
+def first_line(text: str | None, limit: int = ERROR_PREVIEW) -> str:
+    if not text or not text.strip():
+        return ""
+    line = text.strip().splitlines()[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+
+
+# -- the batches page -----------------------------------------------------------------------
+
+
+@dataclass
+class BatchesPage:
+    filt: reads.BatchFilter
+    now: datetime
+
+
+def load_runs(s: Session, page: BatchesPage) -> dict[str, Any]:
+    return {"pipelines": reads.recent_runs(s, RECENT_RUNS)}
+
+
+def load_batch_list(s: Session, page: BatchesPage) -> dict[str, Any]:
+    rows, more = reads.batch_list(s, page.filt, BATCHES_PAGE)
+    return {"rows": rows, "more": more, "older": rows[-1].pk if more and rows else None,
+            "filt": page.filt}
+
+
+BATCHES_PANELS = [
+    Panel("panels/runs.html", load_runs),
+    Panel("panels/batch_list.html", load_batch_list),
+]
+
+
+# -- a batch ------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchPage:
+    pipeline: str
+    batch_id: str
+    pk: int
+    doc: dict[str, Any]  # queries.batch_status
+    version: int
+    now: datetime
+    status_filter: str | None = None
+    page: int = 1
+
+    @property
+    def status(self) -> str:
+        return str(self.doc["status"])
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_BATCH
+
+    @property
+    def failed_tasks(self) -> int:
+        return sum(n for st, n in self.doc["counts"].items() if st in FAILED_TASK)
+
+    @property
+    def open_tasks(self) -> int:
+        return sum(n for st, n in self.doc["counts"].items()
+                   if st in ("PENDING", "QUEUED", "RUNNING", "RETRYING"))
+
+
+def batch_page(s: Session, pipeline: str, batch_id: str, now: datetime,
+               status_filter: str | None = None, page: int = 1) -> BatchPage:
+    doc = queries.batch_status(s, batch_id, pipeline)
+    pk = reads.batch_key(s, pipeline, batch_id)[0]
+    version, _ = reads.batch_version(s, pk)
+    return BatchPage(pipeline, batch_id, pk, doc, version, now, status_filter, max(1, page))
+
+
+def _instance_note(t: dict[str, Any]) -> str:
+    inst = t.get("instances")
+    if not inst:
+        return str(t["status"])
+    done = inst["counts"].get("SUCCESS", 0)
+    failed = sum(n for st, n in inst["counts"].items() if st in FAILED_TASK)
+    note = f"{t['status']} · {done}/{inst['total']}"
+    return note + (f" · {failed} failed" if failed else "")
+
+
+def load_batch_header(s: Session, page: BatchPage) -> dict[str, Any]:
+    return {"counts": page.doc["counts"], "total": len(page.doc["tasks"])}
+
+
+def load_graph(s: Session, page: BatchPage) -> dict[str, Any]:
+    tasks = page.doc["tasks"]
+    if len(tasks) > GRAPH_LIMIT:
+        return {"graph": None, "tasks": len(tasks), "limit": GRAPH_LIMIT, "href": None}
+    graph = layout.dag([t["task"] for t in tasks],
+                       [(p, t["task"]) for t in tasks for p in t["depends_on"]],
+                       {t["task"]: t["status"] for t in tasks},
+                       {t["task"]: _instance_note(t) for t in tasks})
+    return {"graph": graph, "tasks": len(tasks), "limit": GRAPH_LIMIT,
+            "href": functools.partial(task_url, page.pipeline, page.batch_id)}
+
+
+def load_timeline(s: Session, page: BatchPage) -> dict[str, Any]:
+    spans, more = reads.attempts(s, page.pk, limit=TIMELINE_LIMIT)
+    created = datetime.fromisoformat(page.doc["created_at"])
+    end = datetime.fromisoformat(page.doc["finished_at"]) if page.doc["finished_at"] else page.now
+    chart = layout.timeline(
+        [(a.label, task_url(page.pipeline, page.batch_id, a.task), a.started_at, a.finished_at,
+          a.outcome, f"{a.label}: {a.outcome}"
+                     + (f", {layout.seconds(a.duration_s)}" if a.duration_s is not None else "")
+                     + (f" — {first_line(a.error, 200)}" if a.error else ""))
+         for a in spans],
+        created, end) if spans else None
+    return {"chart": chart, "more": more, "limit": TIMELINE_LIMIT}
+
+
+def load_task_table(s: Session, page: BatchPage) -> dict[str, Any]:
+    tasks = page.doc["tasks"]
+    if page.status_filter:
+        tasks = [t for t in tasks if t["status"] == page.status_filter]
+    pages = max(1, -(-len(tasks) // TABLE_PAGE))
+    current = min(page.page, pages)
+    shown = tasks[(current - 1) * TABLE_PAGE: current * TABLE_PAGE]
+    rows = [{**t, "error_line": first_line(t["error"]), "note": _instance_note(t)
+             if t.get("instances") else ""} for t in shown]
+    return {"rows": rows, "matching": len(tasks), "page": current, "pages": pages,
+            "status_filter": page.status_filter, "counts": page.doc["counts"],
+            "total": len(page.doc["tasks"])}
+
+
+BATCH_PANELS = [
+    Panel("panels/batch_header.html", load_batch_header),
+    Panel("panels/graph.html", load_graph),
+    Panel("panels/timeline.html", load_timeline),
+    Panel("panels/task_table.html", load_task_table),
+]
+
+
+# -- a task -------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskPage:
+    pipeline: str
+    batch_id: str
+    pk: int
+    batch_status: str
+    version: int
+    task: reads.TaskDetail
+    now: datetime
+
+    @property
+    def finished(self) -> bool:
+        return self.batch_status in TERMINAL_BATCH
+
+
+def task_page(s: Session, pipeline: str, batch_id: str, task: str, now: datetime) -> TaskPage:
+    pk = reads.batch_key(s, pipeline, batch_id)[0]
+    version, status = reads.batch_version(s, pk)
+    return TaskPage(pipeline, batch_id, pk, status, version, reads.task_detail(s, pk, task), now)
+
+
+def load_task_summary(s: Session, page: TaskPage) -> dict[str, Any]:
+    return {"why": queries.why(s, page.batch_id, page.task.name, page.now, page.pipeline)}
+
+
+def load_attempts(s: Session, page: TaskPage) -> dict[str, Any]:
+    rows, more = reads.attempts(s, page.pk, page.task.task_id, limit=TASK_ATTEMPTS_LIMIT)
+    return {"attempts": rows, "more": more}
+
+
+def load_task_data(s: Session, page: TaskPage) -> dict[str, Any]:
+    t = page.task
+    return {"input": None if t.input is None else pretty_json(t.input),
+            "output": None if t.output is None else pretty_json(t.output)}
+
+
+def load_instances(s: Session, page: TaskPage) -> dict[str, Any]:
+    if not page.task.mapped:
+        return {"instances": None}
+    rows, total = reads.instances(s, page.pk, page.task.task_id, INSTANCES_LIMIT)
+    return {"instances": rows, "total": total}
+
+
+def load_task_events(s: Session, page: TaskPage) -> dict[str, Any]:
+    rows, more = reads.events_page(s, page.pk, limit=TASK_EVENTS_LIMIT, task_id=page.task.task_id)
+    return {"events": rows, "more": more}
+
+
+TASK_PANELS = [
+    Panel("panels/task_summary.html", load_task_summary),
+    Panel("panels/attempts.html", load_attempts),
+    Panel("panels/task_data.html", load_task_data),
+    Panel("panels/instances.html", load_instances),
+    Panel("panels/task_events.html", load_task_events),
+]
+
+
+# -- a pipeline ---------------------------------------------------------------------------
+
+
+@dataclass
+class PipelinePage:
+    info: reads.PipelineInfo
+    version: int  # the version shown (the current one unless asked)
+    now: datetime
+    tasks: list[reads.TaskDefinition] = field(default_factory=list)
+
+
+def pipeline_page(s: Session, name: str, now: datetime, version: int | None = None) -> PipelinePage:
+    info = reads.pipeline_info(s, name)
+    shown = version if version is not None else info.version
+    tasks = reads.pipeline_tasks(s, info.id, shown)
+    if not tasks:
+        from orchestrator.errors import NotFound
+
+        raise NotFound(f"pipeline {name!r} has no version {shown}")
+    return PipelinePage(info, shown, now, tasks)
+
+
+def load_pipeline_graph(s: Session, page: PipelinePage) -> dict[str, Any]:
+    if len(page.tasks) > GRAPH_LIMIT:
+        return {"graph": None, "tasks": len(page.tasks), "limit": GRAPH_LIMIT}
+    graph = layout.dag([t.name for t in page.tasks],
+                       [(p, t.name) for t in page.tasks for p in t.depends_on],
+                       None, {t.name: t.handler for t in page.tasks})
+    return {"graph": graph, "tasks": len(page.tasks), "limit": GRAPH_LIMIT}
+
+
+def load_definition(s: Session, page: PipelinePage) -> dict[str, Any]:
+    # The stored definition is the whole validated file, so whatever a pipeline may
+    # declare (triggers, limits, retry policies, schedules) shows here as written.
+    text = (yaml.safe_dump(page.info.definition, sort_keys=False, allow_unicode=True)
+            if page.version == page.info.version else None)
+    return {"tasks": page.tasks, "yaml": text}
+
+
+def load_versions(s: Session, page: PipelinePage) -> dict[str, Any]:
+    return {"versions": reads.pipeline_versions(s, page.info.id)}
+
+
+def load_pipeline_batches(s: Session, page: PipelinePage) -> dict[str, Any]:
+    rows, more = reads.batch_list(s, reads.BatchFilter(pipeline=page.info.name), RECENT_RUNS)
+    return {"rows": rows, "more": more, "filt": reads.BatchFilter(pipeline=page.info.name)}
+
+
+PIPELINE_PANELS = [
+    Panel("panels/pipeline_graph.html", load_pipeline_graph),
+    Panel("panels/pipeline_batches.html", load_pipeline_batches),
+    Panel("panels/definition.html", load_definition),
+    Panel("panels/versions.html", load_versions),
+]
+
+
+def render_panels(s: Session, panels: list[Panel], page: Any) -> list[tuple[str, dict[str, Any]]]:
+    return [(p.template, p.load(s, page)) for p in panels]

@@ -1,0 +1,468 @@
+"""The reads behind the web UI, one function per page panel; each takes a session and
+never writes.
+
+What the CLI shows too (a batch's status, `why`, the pipeline's tasks) comes from
+`orchestrator.queries`, so the two never disagree; this module adds what only a page
+needs: the filtered batch list, the recent-run marks, attempts for the timeline, the
+pages of a long event history, one task's full row, a pipeline's versions.
+
+Every statement is bounded by an index and a limit, whatever the size of the task log:
+a page never reads more rows than it shows, except the batch page, which reads its
+batch's task rows once (through `queries.batch_status`) for the counts, the graph and
+the topological order of the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskEvent, TaskLog
+from orchestrator.errors import NotFound
+from orchestrator.status import BatchStatus, TaskStatus
+
+BATCH_STATUSES = tuple(s.value for s in BatchStatus)
+TASK_STATUSES = tuple(s.value for s in TaskStatus)
+
+
+def _value(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+# -- the batches page ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchFilter:
+    pipeline: str | None = None
+    status: str | None = None
+    since: date | None = None  # created on or after this day (UTC)
+    until: date | None = None  # created on or before this day (UTC)
+    before: int | None = None  # the page after the batch with this primary key
+
+    def query_args(self) -> dict[str, str]:
+        """The filter as URL query arguments (for the "older" link)."""
+        out = {"pipeline": self.pipeline, "status": self.status,
+               "since": self.since.isoformat() if self.since else None,
+               "until": self.until.isoformat() if self.until else None}
+        return {k: v for k, v in out.items() if v}
+
+
+@dataclass
+class BatchRow:
+    pk: int
+    pipeline: str
+    batch_id: str
+    status: str
+    params: dict[str, Any]
+    created_at: datetime
+    finished_at: datetime | None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.created_at).total_seconds()
+
+    @property
+    def tasks(self) -> int:
+        return sum(self.counts.values())
+
+
+def batch_list(session: Session, filt: BatchFilter, limit: int = 50) -> tuple[list[BatchRow], bool]:
+    """The newest batches matching `filt`, with their task counts by status, in one
+    statement: the page of batches (by `ix_batches_created_at`, or the pipeline's unique
+    key) joined to the counts of just those batches (by the task log's unique key).
+    Returns the rows and whether older ones exist."""
+    page = (
+        select(Batch.id, Batch.batch_id, Batch.status, Batch.params, Batch.created_at,
+               Batch.finished_at, Pipeline.name.label("pipeline"))
+        .join(Pipeline, Pipeline.id == Batch.pipeline_id)
+    )
+    if filt.pipeline:
+        page = page.where(Pipeline.name == filt.pipeline)
+    if filt.status:
+        page = page.where(Batch.status == filt.status)
+    if filt.since:
+        page = page.where(Batch.created_at >= _midnight(filt.since))
+    if filt.until:
+        page = page.where(Batch.created_at < _midnight(filt.until + timedelta(days=1)))
+    if filt.before is not None:
+        anchor = select(Batch.created_at).where(Batch.id == filt.before).scalar_subquery()
+        page = page.where(or_(Batch.created_at < anchor,
+                              and_(Batch.created_at == anchor, Batch.id < filt.before)))
+    page_sq = page.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1).subquery()
+    counts = (
+        select(TaskLog.batch_pk, TaskLog.status, func.count().label("n"))
+        .where(TaskLog.batch_pk.in_(select(page_sq.c.id)), TaskLog.map_index == -1)
+        .group_by(TaskLog.batch_pk, TaskLog.status)
+        .subquery()
+    )
+    rows = session.execute(
+        select(page_sq, counts.c.status.label("task_status"), counts.c.n)
+        .outerjoin(counts, counts.c.batch_pk == page_sq.c.id)
+        .order_by(page_sq.c.created_at.desc(), page_sq.c.id.desc())
+    ).all()
+    out: dict[int, BatchRow] = {}
+    for r in rows:
+        b = out.get(r.id)
+        if b is None:
+            b = out[r.id] = BatchRow(r.id, r.pipeline, r.batch_id, _value(r.status),
+                                     r.params or {}, r.created_at, r.finished_at)
+        if r.task_status is not None:
+            b.counts[_value(r.task_status)] = int(r.n)
+    batches = list(out.values())
+    for b in batches:
+        b.counts = {s: b.counts[s] for s in TASK_STATUSES if s in b.counts}
+    return batches[:limit], len(batches) > limit
+
+
+def _midnight(d: date) -> datetime:
+    return datetime(d.year, d.month, d.day, tzinfo=UTC)
+
+
+@dataclass
+class PipelineRuns:
+    pipeline: str
+    description: str
+    version: int
+    runs: list[BatchRow]  # newest first
+
+
+def recent_runs(session: Session, per_pipeline: int = 20) -> list[PipelineRuns]:
+    """Every pipeline with the status of its last runs, in one statement (a window over
+    the batches table, which holds one row per run, never per task)."""
+    ranked = (
+        select(Batch.id, Batch.pipeline_id, Batch.batch_id, Batch.status, Batch.created_at,
+               Batch.finished_at,
+               func.row_number().over(partition_by=Batch.pipeline_id,
+                                      order_by=(Batch.created_at.desc(), Batch.id.desc()))
+               .label("rn"))
+        .subquery()
+    )
+    rows = session.execute(
+        select(Pipeline.name, Pipeline.description, Pipeline.version, ranked.c.id,
+               ranked.c.batch_id, ranked.c.status, ranked.c.created_at, ranked.c.finished_at)
+        .outerjoin(ranked, and_(ranked.c.pipeline_id == Pipeline.id,
+                                ranked.c.rn <= per_pipeline))
+        .order_by(Pipeline.name, ranked.c.rn)
+    ).all()
+    out: dict[str, PipelineRuns] = {}
+    for r in rows:
+        p = out.setdefault(r.name, PipelineRuns(r.name, r.description or "", r.version, []))
+        if r.id is not None:
+            p.runs.append(BatchRow(r.id, r.name, r.batch_id, _value(r.status), {},
+                                   r.created_at, r.finished_at))
+    return list(out.values())
+
+
+# -- a batch ------------------------------------------------------------------------------
+
+
+def batch_key(session: Session, pipeline: str, batch_id: str) -> tuple[int, str, datetime,
+                                                                        datetime | None]:
+    """(primary key, status, created_at, finished_at) of one batch; NotFound if none."""
+    row = session.execute(
+        select(Batch.id, Batch.status, Batch.created_at, Batch.finished_at)
+        .join(Pipeline, Pipeline.id == Batch.pipeline_id)
+        .where(Pipeline.name == pipeline, Batch.batch_id == batch_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"no batch {batch_id!r} of pipeline {pipeline!r}")
+    return int(row.id), _value(row.status), row.created_at, row.finished_at
+
+
+def batch_version(session: Session, pk: int) -> tuple[int, str]:
+    """(newest event id, batch status): changes whenever anything in the batch moves,
+    since every transition appends an event. Two index lookups."""
+    newest = session.execute(
+        select(func.max(TaskEvent.id)).where(TaskEvent.batch_pk == pk)
+    ).scalar()
+    status = session.execute(select(Batch.status).where(Batch.id == pk)).scalar()
+    if status is None:
+        raise NotFound("the batch no longer exists")
+    return int(newest or 0), _value(status)
+
+
+@dataclass
+class Attempt:
+    task: str
+    map_index: int | None
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str  # the status the attempt left RUNNING for, or RUNNING
+    error: str | None
+
+    @property
+    def label(self) -> str:
+        name = self.task if self.map_index is None else f"{self.task}[{self.map_index}]"
+        return f"{name} #{self.attempt}"
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+def attempts(session: Session, pk: int, task_id: int | None = None,
+             limit: int = 1000) -> tuple[list[Attempt], bool]:
+    """Every run of a task (or of the whole batch), oldest first, from the transitions
+    into and out of RUNNING: start, end, how it ended and with what error. At most
+    `limit` attempts; the flag says whether more exist."""
+    stmt = (
+        select(TaskEvent.task_id, TaskEvent.attempt, TaskEvent.from_status,
+               TaskEvent.to_status, TaskEvent.at, TaskEvent.detail, Task.name)
+        .join(Task, Task.id == TaskEvent.task_id)
+        .where(TaskEvent.batch_pk == pk,
+               or_(TaskEvent.to_status == TaskStatus.RUNNING.value,
+                   TaskEvent.from_status == TaskStatus.RUNNING.value,
+                   TaskEvent.to_status == TaskStatus.CANCELLED.value))
+        .order_by(TaskEvent.id)
+    )
+    if task_id is not None:
+        stmt = stmt.where(TaskEvent.task_id == task_id)
+    # Two events per attempt, and a little slack for cancellations.
+    rows = session.execute(stmt.limit(2 * limit + 2)).all()
+    open_: dict[tuple[int, int | None, int], Attempt] = {}
+    done: list[Attempt] = []
+    for r in rows:
+        index = (r.detail or {}).get("map_index")
+        index = index if isinstance(index, int) else None
+        key = (r.task_id, index, r.attempt or 0)
+        if r.to_status == TaskStatus.RUNNING.value:
+            open_[key] = Attempt(r.name, index, r.attempt or 0, r.at, None, "RUNNING", None)
+            done.append(open_[key])
+        elif key in open_:
+            a = open_.pop(key)
+            a.finished_at, a.outcome = r.at, r.to_status
+            err = (r.detail or {}).get("error") or (r.detail or {}).get("reason")
+            a.error = str(err) if err is not None else None
+    return done[:limit], len(done) > limit
+
+
+@dataclass
+class EventRow:
+    id: int
+    at: datetime
+    task: str | None
+    attempt: int | None
+    from_status: str | None
+    to_status: str
+    detail: dict[str, Any] | None
+
+
+def events_page(session: Session, pk: int, after: int = 0, limit: int = 500,
+                task_id: int | None = None) -> tuple[list[EventRow], bool]:
+    """A page of the batch's history, oldest first, by `ix_task_events_batch`."""
+    stmt = (
+        select(TaskEvent.id, TaskEvent.at, Task.name, TaskEvent.attempt, TaskEvent.from_status,
+               TaskEvent.to_status, TaskEvent.detail)
+        .outerjoin(Task, Task.id == TaskEvent.task_id)
+        .where(TaskEvent.batch_pk == pk, TaskEvent.id > after)
+        .order_by(TaskEvent.id)
+        .limit(limit + 1)
+    )
+    if task_id is not None:
+        stmt = stmt.where(TaskEvent.task_id == task_id)
+    rows = session.execute(stmt).all()
+    out = []
+    for r in rows[:limit]:
+        index = (r.detail or {}).get("map_index")
+        name = f"{r.name}[{index}]" if r.name is not None and isinstance(index, int) else r.name
+        out.append(EventRow(r.id, r.at, name, r.attempt, r.from_status, r.to_status, r.detail))
+    return out, len(rows) > limit
+
+
+# -- a task -------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskDetail:
+    task_id: int
+    name: str
+    handler: str
+    status: str
+    attempt: int
+    max_attempts: int
+    trigger_rule: str
+    waiting_for_file: bool
+    gcs_trigger: str | None
+    input: Any
+    output: Any
+    error: str | None
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    next_attempt_at: datetime | None
+    lease_expires_at: datetime | None
+    timeout_s: float
+    mapped: bool
+    parents: list[tuple[str, str]] = field(default_factory=list)  # (name, status)
+    children: list[tuple[str, str]] = field(default_factory=list)
+
+
+def task_detail(session: Session, pk: int, task: str) -> TaskDetail:
+    """One task's own row of the batch (not its instances), with its neighbours."""
+    row = session.execute(
+        select(Task.id, Task.name, Task.handler, Task.max_attempts, Task.timeout_s,
+               Task.gcs_bucket, Task.gcs_pattern, Task.map_over, TaskLog.status,
+               TaskLog.attempt, TaskLog.retry_base, TaskLog.trigger_rule,
+               TaskLog.waiting_for_file, TaskLog.input, TaskLog.output, TaskLog.error,
+               TaskLog.queued_at, TaskLog.started_at, TaskLog.finished_at,
+               TaskLog.next_attempt_at, TaskLog.lease_expires_at)
+        .join(TaskLog, TaskLog.task_id == Task.id)
+        .where(TaskLog.batch_pk == pk, TaskLog.map_index == -1, Task.name == task)
+    ).first()
+    if row is None:
+        raise NotFound(f"no task {task!r} in this batch")
+    detail = TaskDetail(
+        task_id=row.id, name=row.name, handler=row.handler, status=_value(row.status),
+        attempt=row.attempt, max_attempts=int(row.retry_base or 0) + int(row.max_attempts),
+        trigger_rule=_value(row.trigger_rule), waiting_for_file=bool(row.waiting_for_file),
+        gcs_trigger=f"gs://{row.gcs_bucket}/{row.gcs_pattern}" if row.gcs_bucket else None,
+        input=row.input, output=row.output, error=row.error, queued_at=row.queued_at,
+        started_at=row.started_at, finished_at=row.finished_at,
+        next_attempt_at=row.next_attempt_at, lease_expires_at=row.lease_expires_at,
+        timeout_s=row.timeout_s, mapped=row.map_over is not None,
+    )
+    for column, other, target in (
+        (TaskDependency.child_task_id, TaskDependency.parent_task_id, detail.parents),
+        (TaskDependency.parent_task_id, TaskDependency.child_task_id, detail.children),
+    ):
+        for name, status in session.execute(
+            select(Task.name, TaskLog.status)
+            .join(TaskDependency, other == Task.id)
+            .join(TaskLog, and_(TaskLog.task_id == Task.id, TaskLog.batch_pk == pk,
+                                TaskLog.map_index == -1))
+            .where(column == row.id)
+            .order_by(Task.name)
+        ):
+            target.append((name, _value(status)))
+    return detail
+
+
+@dataclass
+class InstanceRow:
+    map_index: int
+    status: str
+    attempt: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+
+
+def instances(session: Session, pk: int, task_id: int, limit: int = 200) -> tuple[list[InstanceRow], int]:
+    """The first instances of a mapped task (failed ones first), and how many there are."""
+    failed_first = (TaskLog.status.in_([TaskStatus.ERROR.value, TaskStatus.CANCELLED.value,
+                                        TaskStatus.RETRYING.value]))
+    rows = session.execute(
+        select(TaskLog.map_index, TaskLog.status, TaskLog.attempt, TaskLog.started_at,
+               TaskLog.finished_at, TaskLog.error)
+        .where(TaskLog.batch_pk == pk, TaskLog.task_id == task_id, TaskLog.map_index >= 0)
+        .order_by(failed_first.desc(), TaskLog.map_index)
+        .limit(limit)
+    ).all()
+    total = session.execute(
+        select(func.count()).select_from(TaskLog)
+        .where(TaskLog.batch_pk == pk, TaskLog.task_id == task_id, TaskLog.map_index >= 0)
+    ).scalar() or 0
+    return [InstanceRow(r.map_index, _value(r.status), r.attempt, r.started_at, r.finished_at,
+                        r.error) for r in rows], int(total)
+
+
+# -- a pipeline ---------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineInfo:
+    id: int
+    name: str
+    description: str
+    version: int
+    concurrency: int | None
+    definition: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+def pipeline_info(session: Session, name: str) -> PipelineInfo:
+    p = session.execute(select(Pipeline).where(Pipeline.name == name)).scalar_one_or_none()
+    if p is None:
+        raise NotFound(f"unknown pipeline {name!r}")
+    return PipelineInfo(p.id, p.name, p.description or "", p.version, p.concurrency,
+                        p.definition or {}, p.created_at, p.updated_at)
+
+
+@dataclass
+class TaskDefinition:
+    name: str
+    handler: str
+    depends_on: list[str]
+    trigger_rule: str
+    max_attempts: int
+    retry: str  # "5 s, x2, at most 60 s"
+    timeout_s: float
+    concurrency: int | None
+    gcs_trigger: str | None
+    map_over: dict[str, Any] | None
+
+
+def pipeline_tasks(session: Session, pipeline_id: int, version: int) -> list[TaskDefinition]:
+    """One version's tasks in the order of the definition, with their policies."""
+    tasks = session.execute(
+        select(Task).where(Task.pipeline_id == pipeline_id, Task.version == version)
+        .order_by(Task.id)
+    ).scalars().all()
+    names = {t.id: t.name for t in tasks}
+    parents: dict[int, list[str]] = {}
+    for child, parent in session.execute(
+        select(TaskDependency.child_task_id, TaskDependency.parent_task_id)
+        .where(TaskDependency.child_task_id.in_(list(names)))
+    ):
+        parents.setdefault(child, []).append(names[parent])
+    return [
+        TaskDefinition(
+            name=t.name, handler=t.handler, depends_on=sorted(parents.get(t.id, [])),
+            trigger_rule=_value(t.trigger_rule), max_attempts=t.max_attempts,
+            retry=(f"{t.retry_initial_delay_s:g} s, x{t.retry_backoff_factor:g}, "
+                   f"at most {t.retry_max_delay_s:g} s"),
+            timeout_s=t.timeout_s, concurrency=t.concurrency,
+            gcs_trigger=f"gs://{t.gcs_bucket}/{t.gcs_pattern}" if t.gcs_bucket else None,
+            map_over=t.map_over,
+        )
+        for t in tasks
+    ]
+
+
+@dataclass
+class VersionRow:
+    version: int
+    tasks: int
+    batches: int
+    last_batch_at: datetime | None
+
+
+def pipeline_versions(session: Session, pipeline_id: int) -> list[VersionRow]:
+    """Every stored version, newest first, with its task count and how many batches ran it."""
+    tasks = dict(session.execute(
+        select(Task.version, func.count()).where(Task.pipeline_id == pipeline_id)
+        .group_by(Task.version)
+    ).all())
+    runs = {v: (n, last) for v, n, last in session.execute(
+        select(Batch.pipeline_version, func.count(), func.max(Batch.created_at))
+        .where(Batch.pipeline_id == pipeline_id).group_by(Batch.pipeline_version)
+    ).all()}
+    return [VersionRow(v, int(tasks[v]), int(runs.get(v, (0, None))[0]), runs.get(v, (0, None))[1])
+            for v in sorted(tasks, reverse=True)]
+
+
+def pipeline_names(session: Session) -> list[str]:
+    return list(session.execute(select(Pipeline.name).order_by(Pipeline.name)).scalars())
+

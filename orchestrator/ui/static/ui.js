@@ -1,0 +1,116 @@
+// The orchestrator UI's only script: live updates and confirmed actions.
+// Pages work without it (forms post to a confirmation page; a reload shows news).
+"use strict";
+(function () {
+  const FINISHED = new Set(["SUCCESS", "FAILED", "CANCELLED"]);
+  let source = null;
+
+  function notice(text, bad) {
+    const el = document.getElementById("notice");
+    if (!el) return;
+    el.textContent = text;
+    el.classList.toggle("bad", !!bad);
+    el.hidden = false;
+    clearTimeout(notice.timer);
+    notice.timer = setTimeout(function () { el.hidden = true; }, 6000);
+  }
+
+  function live() { return document.querySelector("[data-live]"); }
+
+  // Fetch the region again and swap it in: it renders exactly as a reload would.
+  async function refresh() {
+    const region = live();
+    if (!region) return;
+    const response = await fetch(region.dataset.fragment, {
+      headers: { "Accept": "text/html" }, credentials: "same-origin", cache: "no-store" });
+    if (!response.ok) return;
+    const template = document.createElement("template");
+    template.innerHTML = await response.text();
+    const fresh = template.content.querySelector("[data-live]");
+    if (!fresh) return;
+    region.replaceWith(fresh);
+    follow();
+  }
+
+  // While the batch runs, listen for its changes; when it ends, stop.
+  function follow() {
+    const region = live();
+    if (!region) return;
+    const running = !FINISHED.has(region.dataset.status);
+    if (!running) {
+      if (source) { source.close(); source = null; }
+      return;
+    }
+    if (source) return;
+    source = new EventSource(region.dataset.stream);
+    source.addEventListener("change", function (event) {
+      const data = JSON.parse(event.data);
+      const now = live();
+      if (!now) return;
+      if (String(data.version) !== now.dataset.version || data.status !== now.dataset.status) {
+        refresh();
+      }
+    });
+    source.addEventListener("gone", function () { source.close(); source = null; });
+  }
+
+  // Every action asks first, in a dialog that says exactly what will happen.
+  function ask(form) {
+    const dialog = document.getElementById("confirm");
+    let text = form.dataset.confirm;
+    text = text.replace(/\{(\w+)\}/g, function (_, name) {
+      const field = form.elements.namedItem(name);
+      return field && "value" in field ? field.value : "";
+    });
+    dialog.querySelector(".message").textContent = text;
+    document.getElementById("confirm-ok").textContent = form.dataset.confirmLabel || "OK";
+    return new Promise(function (resolve) {
+      dialog.addEventListener("close", function () { resolve(dialog.returnValue === "ok"); },
+                              { once: true });
+      dialog.returnValue = "";
+      dialog.showModal();
+    });
+  }
+
+  async function submit(form) {
+    const body = new URLSearchParams(new FormData(form));
+    body.set("confirmed", "1");
+    let response;
+    try {
+      response = await fetch(form.action, {
+        method: "POST", body: body, credentials: "same-origin",
+        headers: { "Accept": "application/json" } });
+    } catch (err) {
+      notice("The server cannot be reached: " + err.message, true);
+      return;
+    }
+    let data = {};
+    try { data = await response.json(); } catch (err) { data = { error: response.statusText }; }
+    if (!response.ok || !data.ok) {
+      notice(data.error || ("refused: " + response.status), true);
+      return;
+    }
+    notice(data.message, false);
+    const region = live();
+    const here = region && region.dataset.stream.replace(/\/stream$/, "");
+    if (data.location && data.location !== here && !window.location.pathname.startsWith(data.location)) {
+      window.location.assign(data.location);
+      return;
+    }
+    await refresh();
+  }
+
+  document.addEventListener("submit", function (event) {
+    const form = event.target;
+    if (!(form instanceof HTMLFormElement) || !form.dataset.confirm) return;
+    event.preventDefault();
+    if (!form.reportValidity()) return;
+    ask(form).then(function (ok) { if (ok) submit(form); });
+  });
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", follow);
+  } else {
+    follow();
+  }
+})();
