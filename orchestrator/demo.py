@@ -128,55 +128,88 @@ def show_profit(rt: Any, batch_id: str, expected: list[dict[str, Any]]) -> bool:
     return False
 
 
-def run(home: Path) -> int:
-    from orchestrator.examples_data import write_monthly_files
-    from orchestrator.runtime import Runtime
+def fresh_settings(home: Path) -> Any:
     from orchestrator.settings import Settings
+
+    return Settings(home=home.resolve(), database_url=None, warehouse="local", object_store="local")
+
+
+def sync_example(rt: Any) -> None:
+    step("1. Sync the pipeline")
+    command(f"orchestrator pipelines sync {EXAMPLES / 'monthly_profit.yaml'}")
+    for r in sync(rt, EXAMPLES / "monthly_profit.yaml"):
+        say(f"{r.name}: synced (version {r.version}): load_sales + load_expenses "
+            "→ calculate_profit")
+
+
+def good_month(rt: Any, home: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from orchestrator.examples_data import write_monthly_files
+
+    step(f"2. A month of sales and expenses lands: batch {GOOD_MONTH}")
+    incoming = home / "incoming"
+    expected = write_monthly_files(incoming, GOOD_MONTH, seed=1, sales=2000, expenses=300)
+    say(f"generated 2,000 sales and 300 expenses as Parquet under {incoming}")
+    drop_month(rt, incoming, GOOD_MONTH)
+    return show_status(rt, GOOD_MONTH), expected
+
+
+def bad_month(rt: Any, home: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The month whose expenses file lacks a column: load_expenses fails, and
+    calculate_profit is UPSTREAM_FAILED."""
+    from orchestrator.examples_data import write_monthly_files
+
+    step(f"3. A bad file: batch {BAD_MONTH} gets expenses without an `amount` column")
+    bad = home / "incoming-bad"
+    expected = write_monthly_files(bad, BAD_MONTH, seed=2, sales=2000, expenses=300,
+                                   files_per_table=1)
+    shutil.rmtree(bad / "expenses")
+    write_bad_expenses(bad, BAD_MONTH)
+    drop_month(rt, bad, BAD_MONTH)
+    doc = show_status(rt, BAD_MONTH)
+    command(f"orchestrator why {BAD_MONTH} calculate_profit")
+    with rt.sessions() as s:
+        say(queries.why(s, BAD_MONTH, "calculate_profit", rt.clock.now(), PIPELINE))
+    return doc, expected
+
+
+def drop_fixed(rt: Any, home: Path) -> None:
+    """The corrected expenses file lands (no marker: nothing fires until a retry)."""
+    from orchestrator.examples_data import write_monthly_files
+
+    step("4. Recovery: drop the corrected file, then retry the failed part")
+    fixed = home / "incoming-fixed"
+    write_monthly_files(fixed, BAD_MONTH, seed=2, sales=2000, expenses=300, files_per_table=1,
+                        marker=False)
+    drop_month(rt, fixed, BAD_MONTH, kinds=("expenses",), markers=False)
+
+
+def ui_command(home: Path) -> str:
+    return f"ORCHESTRATOR_HOME={home} orchestrator ui"
+
+
+def run(home: Path) -> int:
+    from orchestrator.runtime import Runtime
 
     started = time.perf_counter()
     logs.configure("text", logging.CRITICAL)  # the demo narrates; failures show in the tables
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
-    settings = Settings(home=home.resolve(), database_url=None, warehouse="local", object_store="local")
     ok = True
-    with Runtime.embedded(settings) as rt:
-        step("1. Sync the pipeline")
-        command(f"orchestrator pipelines sync {EXAMPLES / 'monthly_profit.yaml'}")
-        for r in sync(rt, EXAMPLES / "monthly_profit.yaml"):
-            say(f"{r.name}: synced (version {r.version}): load_sales + load_expenses "
-                "→ calculate_profit")
+    with Runtime.embedded(fresh_settings(home)) as rt:
+        sync_example(rt)
 
-        step(f"2. A month of sales and expenses lands: batch {GOOD_MONTH}")
-        incoming = home / "incoming"
-        expected = write_monthly_files(incoming, GOOD_MONTH, seed=1, sales=2000, expenses=300)
-        say(f"generated 2,000 sales and 300 expenses as Parquet under {incoming}")
-        drop_month(rt, incoming, GOOD_MONTH)
-        doc = show_status(rt, GOOD_MONTH)
+        doc, expected = good_month(rt, home)
         ok &= doc["status"] == "SUCCESS"
         ok &= show_profit(rt, GOOD_MONTH, expected)
 
-        step(f"3. A bad file: batch {BAD_MONTH} gets expenses without an `amount` column")
-        bad = home / "incoming-bad"
-        expected_april = write_monthly_files(bad, BAD_MONTH, seed=2, sales=2000, expenses=300,
-                                          files_per_table=1)
-        shutil.rmtree(bad / "expenses")
-        write_bad_expenses(bad, BAD_MONTH)
-        drop_month(rt, bad, BAD_MONTH)
-        doc = show_status(rt, BAD_MONTH)
+        doc, expected_april = bad_month(rt, home)
         ok &= doc["status"] == "FAILED"
         by_task = {t["task"]: t for t in doc["tasks"]}
         ok &= by_task["load_expenses"]["status"] == "ERROR"
         ok &= by_task["calculate_profit"]["status"] == "UPSTREAM_FAILED"
-        command(f"orchestrator why {BAD_MONTH} calculate_profit")
-        with rt.sessions() as s:
-            say(queries.why(s, BAD_MONTH, "calculate_profit", rt.clock.now(), PIPELINE))
 
-        step("4. Recovery: drop the corrected file, then retry the failed part")
-        fixed = home / "incoming-fixed"
-        write_monthly_files(fixed, BAD_MONTH, seed=2, sales=2000, expenses=300, files_per_table=1,
-                            marker=False)
-        drop_month(rt, fixed, BAD_MONTH, kinds=("expenses",), markers=False)
+        drop_fixed(rt, home)
         command(f"orchestrator batch retry {BAD_MONTH}")
         n = rt.retry(PIPELINE, BAD_MONTH)
         say(f"{PIPELINE}/{BAD_MONTH}: {n} task(s) queued again")
@@ -193,6 +226,9 @@ def run(home: Path) -> int:
     for cmd in (f"{env} orchestrator status", f"{env} orchestrator events {BAD_MONTH}",
                 f"{env} orchestrator pipelines graph {PIPELINE} --batch {BAD_MONTH}"):
         say(f"  {cmd}")
+    say("Or in your browser (the DAG, the timeline, every task and its events), at "
+        "http://127.0.0.1:8080/:")
+    say(f"  [bold]{ui_command(home)}[/bold]")
     return 0 if ok else 1
 
 

@@ -209,6 +209,6 @@ def timeline(spans: Sequence[tuple[str, str, datetime, datetime | None, str, str
         w = max(2.0, ((e or now) - s).total_seconds() * scale)
         bars.append(Bar(label, href, x, 24 + i * ROW_H, min(w, LABEL_W + PLOT_W - x + 2),
                         outcome, title))
-    ticks = [Tick(LABEL_W + PLOT_W * k / 4, "+" + (seconds(total * k / 4) or "0 s"))
+    ticks = [Tick(LABEL_W + PLOT_W * k / 4, "+" + (seconds(total * k / 4) if k else "0 s"))
              for k in range(5)]
     return Timeline(LABEL_W + PLOT_W + 48, 24 + len(spans) * ROW_H + 8, LABEL_W, bars, ticks)
