@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PY := $(BIN)/python
 
-.PHONY: install test test-fast lint demo bench e2e postgres clean
+.PHONY: install test test-fast lint demo bench e2e postgres browser clean
 
 install: $(VENV)/.installed
 
@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 postgres: install
 	@scripts/ensure-postgres.sh
 
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads one).
+browser:
+	@scripts/ensure-chromium.sh
+
 # The whole suite, on real PostgreSQL (started if none is running).
-test: install postgres terraform-check
+test: install postgres browser terraform-check
 	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/pytest
 
 lint: install

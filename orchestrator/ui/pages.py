@@ -22,7 +22,7 @@ from orchestrator.ui import layout, reads
 from orchestrator.ui.urls import task_url
 
 GRAPH_LIMIT = 300  # tasks; a larger DAG is a table, not a picture
-TIMELINE_LIMIT = 300  # attempts drawn in the batch's timeline
+TIMELINE_LIMIT = 200  # attempts drawn in the batch's timeline (a scrolling box)
 TASK_ATTEMPTS_LIMIT = 200
 TABLE_PAGE = 200  # task rows per page of the batch's table
 EVENTS_PAGE = 500
