@@ -49,7 +49,7 @@ $(CHECKOV_VENV)/.installed:
 
 .PHONY: terraform-check
 terraform-check: install $(CHECKOV_VENV)/.installed
-	$(BIN)/pytest -q tests/test_terraform.py
+	$(BIN)/pytest -q tests/test_terraform.py tests/test_terraform_ui.py
 	$(CHECKOV_VENV)/bin/checkov -d terraform --quiet --compact --skip-download
 
 # The storage and BigQuery emulators live in their own virtualenvs (pinned DuckDB).

@@ -10,6 +10,7 @@
 #   data.tf        landing buckets, access-log bucket, BigQuery dataset
 #   iam.tf         one service account per role and its narrow grants
 #   alerts.tf      the alerts topic, the webhook secret, the failed-batch alert policy
+#   ui.tf          the optional web UI (Cloud Run, IAM-authenticated)
 
 # Read during apply, once the Cloud Resource Manager API it needs is enabled.
 data "google_project" "this" {
@@ -53,7 +54,7 @@ locals {
     + var.functions["sweep"].max_instances
     + var.functions["status"].max_instances
   )
-  connection_budget = local.function_instances * local.connections_per_instance + local.connections_per_instance + var.db_reserved_connections
+  connection_budget = local.function_instances * local.connections_per_instance + local.connections_per_instance + local.ui_connections + var.db_reserved_connections
 
   pubsub_service_agent = "service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
 

@@ -201,30 +201,58 @@ def test_the_batches_page_filters_by_pipeline_status_and_date_and_pages_back(run
         pages.BATCHES_PAGE = old
 
 
-def test_the_batch_list_is_one_statement_however_many_batches_and_tasks(runtime, clock, any_engine):
+def test_the_batch_list_reads_one_indexed_page_and_counts_each_finished_batch_once(
+        runtime, clock, any_engine):
     from orchestrator.db.session import transaction
     from orchestrator.engine import start_batch
     from orchestrator.ui import reads
-    from tests.ui_support import spec_from_edges, sync
+    from tests.ui_support import close, run_task, spec_from_edges, sync
 
-    sync(runtime.sessions, spec_from_edges("many", {f"t{i}": [] for i in range(30)}), clock.now())
-    for b in range(12):
-        transaction(runtime.sessions, lambda s, b=b: start_batch(s, "many", f"b{b}", {},
-                                                                clock.advance(1)))
-    seen: list[str] = []
+    sync(runtime.sessions, spec_from_edges("many", {"a": [], "b": ["a"], "c": []}), clock.now())
+    for b in range(8):
+        at = clock.advance(1)
+        transaction(runtime.sessions, lambda s, b=b, at=at: start_batch(s, "many", f"b{b}", {}, at))
+        if b % 2 == 0:  # the even ones finish
+            for task in ("a", "b", "c"):
+                run_task(runtime.sessions, "many", f"b{b}", task, at)
+            close(runtime.sessions, "many", f"b{b}", at)
+    seen: list[tuple[str, Any]] = []
 
-    def count(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+    def count(_c: Any, _cur: Any, statement: str, parameters: Any, *_a: Any) -> None:
         if not statement.startswith("BEGIN"):  # SQLite's own transaction start
-            seen.append(statement)
+            seen.append((statement, parameters))
 
-    sa_event.listen(any_engine, "before_cursor_execute", count)
-    try:
-        with runtime.sessions() as s:
-            rows, more = reads.batch_list(s, reads.BatchFilter(pipeline="many"), limit=10)
-    finally:
-        sa_event.remove(any_engine, "before_cursor_execute", count)
-    assert len(seen) == 1
-    assert len(rows) == 10 and more and all(r.counts == {"QUEUED": 30} for r in rows)
+    cache = reads.CountsCache()
+
+    def listed(**filt: Any) -> list[reads.BatchRow]:
+        seen.clear()
+        sa_event.listen(any_engine, "before_cursor_execute", count)
+        try:
+            with runtime.sessions() as s:
+                rows, more = reads.batch_list(s, reads.BatchFilter(pipeline="many", **filt),
+                                              limit=6, cache=cache)
+        finally:
+            sa_event.remove(any_engine, "before_cursor_execute", count)
+        assert more is (not filt)
+        return rows
+
+    rows = listed()
+    assert [r.batch_id for r in rows] == ["b7", "b6", "b5", "b4", "b3", "b2"]
+    assert {r.batch_id: r.counts for r in rows}["b6"] == {"SUCCESS": 3}
+    assert {r.batch_id: r.counts for r in rows}["b7"] == {"PENDING": 1, "QUEUED": 2}
+    assert len(seen) == 2  # the page, then the counts of its six batches
+    rows = listed()
+    assert {r.batch_id: r.counts for r in rows}["b6"] == {"SUCCESS": 3}  # from the cache
+    assert len(seen) == 2 and "b7" in {r.batch_id for r in rows}
+    params = seen[1][1]
+    values = list(params.values()) if isinstance(params, dict) else list(params)
+    counted = {v for x in values for v in (x if isinstance(x, list | tuple) else [x])} - {-1}
+    assert counted == {r.pk for r in rows if r.status == "RUNNING"} and len(counted) == 3
+    rows = listed(status="SUCCESS")
+    assert [r.batch_id for r in rows] == ["b6", "b4", "b2", "b0"]
+    assert len(seen) == 2  # b0 was never counted
+    rows = listed(status="SUCCESS")
+    assert len(seen) == 1 and all(r.counts == {"SUCCESS": 3} for r in rows)
 
 
 def test_the_stream_announces_the_batch_version_and_a_change(runtime, clock):
@@ -245,7 +273,10 @@ def test_retry_from_the_page_requeues_the_failed_part_as_the_cli_does(runtime, c
     publisher = runtime.publisher
     with _client(runtime) as client:
         token = _token(client, BATCH)
+        assert "1 ERROR" in client.get("/").text  # counted, and kept: the batch is finished
         r = _post(client, f"{BATCH}/retry", token, confirmed="1")
+        listed = client.get("/").text  # reopened, so counted again
+        assert "1 QUEUED" in listed and "1 ERROR" not in listed
     assert r.status_code == 200 and r.json()["ok"], r.text
     assert r.json()["message"] == "diamond/b1: retrying the failed part, 1 task(s) queued again"
     assert _status(runtime.sessions, "load_a") == "QUEUED"

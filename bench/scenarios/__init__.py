@@ -20,6 +20,7 @@ SCENARIOS: dict[str, str] = {
     "fan_out_10k": "bench.scenarios.fan:fan_out_10k",
     "fan_in_10k": "bench.scenarios.fan:fan_in_10k",
     "status_10k": "bench.scenarios.status:status_10k",
+    "ui_batch_10k": "bench.scenarios.ui:ui_batch_10k",
     "cold_import": "bench.scenarios.cold_import:cold_import",
     "parquet_load": "bench.scenarios.parquet:parquet_load",
 }

@@ -125,8 +125,9 @@ class Renderer:
             csrf_field=FIELD, csrf=self.tokens.token(nonce), **context)
         response = HTMLResponse(body, status_code=status, headers={"cache-control": "no-store"})
         if new:
-            response.set_cookie(COOKIE, nonce, httponly=True, samesite="strict",
-                                secure=request.url.scheme == "https", path="/")
+            # Not Secure: behind `gcloud run services proxy` the browser is on plain
+            # http://localhost. The nonce is no credential; a token needs the server's key.
+            response.set_cookie(COOKIE, nonce, httponly=True, samesite="strict", path="/")
         return response
 
     def error(self, request: Request, status: int, message: str) -> Response:
@@ -205,6 +206,7 @@ async def read_form(request: Request) -> dict[str, str]:
 def create_app(config: UiConfig) -> Starlette:
     r = Renderer(config)
     sessions = config.sessions
+    counts = reads.CountsCache()
 
     def guarded(fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
         def page(request: Request) -> Response:
@@ -227,7 +229,7 @@ def create_app(config: UiConfig) -> Starlette:
     def batches(request: Request) -> Response:
         filt = batch_filter(request.query_params)
         with sessions() as s:
-            page = pages.BatchesPage(filt, config.clock())
+            page = pages.BatchesPage(filt, config.clock(), counts)
             panels = pages.render_panels(s, pages.BATCHES_PANELS, page)
         names = [p.pipeline for p in panels[0][1]["pipelines"]]
         return r.html(request, "batches.html", {"panels": panels, "filt": filt,
@@ -291,6 +293,7 @@ def create_app(config: UiConfig) -> Starlette:
         with sessions() as s:
             page = pages.pipeline_page(s, name, config.clock(),
                                        _int(version, 0, "version") if version else None)
+            page.counts = counts
             panels = pages.render_panels(s, pages.PIPELINE_PANELS, page)
         return r.html(request, "pipeline.html", {"page": page, "panels": panels})
 
@@ -414,8 +417,10 @@ def create_app(config: UiConfig) -> Starlette:
     async def not_allowed(request: Request, exc: Exception) -> Response:
         return r.error(request, 405, "method not allowed")
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(Guard, allowed_hosts=config.allowed_hosts)],
         exception_handlers={404: not_found, 405: not_allowed},
     )
+    app.state.counts = counts
+    return app

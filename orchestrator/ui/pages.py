@@ -29,7 +29,7 @@ EVENTS_PAGE = 500
 TASK_EVENTS_LIMIT = 200
 INSTANCES_LIMIT = 200
 RECENT_RUNS = 20
-BATCHES_PAGE = 50
+BATCHES_PAGE = 25
 ERROR_PREVIEW = 160
 
 TERMINAL_BATCH = ("SUCCESS", "FAILED", "CANCELLED")
@@ -60,6 +60,7 @@ def pretty_json(value: Any) -> str:
 class BatchesPage:
     filt: reads.BatchFilter
     now: datetime
+    counts: reads.CountsCache | None = None
 
 
 def load_runs(s: Session, page: BatchesPage) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def load_runs(s: Session, page: BatchesPage) -> dict[str, Any]:
 
 
 def load_batch_list(s: Session, page: BatchesPage) -> dict[str, Any]:
-    rows, more = reads.batch_list(s, page.filt, BATCHES_PAGE)
+    rows, more = reads.batch_list(s, page.filt, BATCHES_PAGE, page.counts)
     return {"rows": rows, "more": more, "older": rows[-1].pk if more and rows else None,
             "filt": page.filt}
 
@@ -249,6 +250,7 @@ class PipelinePage:
     version: int  # the version shown (the current one unless asked)
     now: datetime
     tasks: list[reads.TaskDefinition] = field(default_factory=list)
+    counts: reads.CountsCache | None = None
 
 
 def pipeline_page(s: Session, name: str, now: datetime, version: int | None = None) -> PipelinePage:
@@ -284,7 +286,8 @@ def load_versions(s: Session, page: PipelinePage) -> dict[str, Any]:
 
 
 def load_pipeline_batches(s: Session, page: PipelinePage) -> dict[str, Any]:
-    rows, more = reads.batch_list(s, reads.BatchFilter(pipeline=page.info.name), RECENT_RUNS)
+    rows, more = reads.batch_list(s, reads.BatchFilter(pipeline=page.info.name), RECENT_RUNS,
+                                  page.counts)
     return {"rows": rows, "more": more, "filt": reads.BatchFilter(pipeline=page.info.name)}
 
 

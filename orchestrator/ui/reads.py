@@ -14,6 +14,8 @@ the topological order of the table.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -74,11 +76,51 @@ class BatchRow:
         return sum(self.counts.values())
 
 
-def batch_list(session: Session, filt: BatchFilter, limit: int = 50) -> tuple[list[BatchRow], bool]:
-    """The newest batches matching `filt`, with their task counts by status, in one
-    statement: the page of batches (by `ix_batches_created_at`, or the pipeline's unique
-    key) joined to the counts of just those batches (by the task log's unique key).
-    Returns the rows and whether older ones exist."""
+class CountsCache:
+    """Task counts of finished batches, which cannot change while the batch stays
+    finished: a retry reopens it (status RUNNING) and its next finish has a new
+    `finished_at`, so (pk, status, finished_at) names one set of counts for good.
+    Bounded; one per app, since primary keys mean nothing across databases."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._data: OrderedDict[tuple[int, str, datetime | None], dict[str, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(b: BatchRow) -> tuple[int, str, datetime | None] | None:
+        return None if b.status == BatchStatus.RUNNING.value else (b.pk, b.status, b.finished_at)
+
+    def get(self, b: BatchRow) -> dict[str, int] | None:
+        key = self.key(b)
+        with self._lock:
+            if key is None or key not in self._data:
+                return None
+            self._data.move_to_end(key)
+            return self._data[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def put(self, b: BatchRow, counts: dict[str, int]) -> None:
+        key = self.key(b)
+        if key is None:
+            return
+        with self._lock:
+            self._data[key] = counts
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+def batch_list(session: Session, filt: BatchFilter, limit: int = 50,
+               cache: CountsCache | None = None) -> tuple[list[BatchRow], bool]:
+    """The newest batches matching `filt`, newest first, and whether older ones exist.
+
+    One indexed statement reads the page of batches (by `ix_batches_created_at`, or the
+    pipeline's unique key); a second counts the tasks by status of only those batches
+    still running or not counted before (by the task log's unique key), since a
+    finished batch of 10,000 tasks costs 10,000 row reads to count."""
     page = (
         select(Batch.id, Batch.batch_id, Batch.status, Batch.params, Batch.created_at,
                Batch.finished_at, Pipeline.name.label("pipeline"))
@@ -96,30 +138,30 @@ def batch_list(session: Session, filt: BatchFilter, limit: int = 50) -> tuple[li
         anchor = select(Batch.created_at).where(Batch.id == filt.before).scalar_subquery()
         page = page.where(or_(Batch.created_at < anchor,
                               and_(Batch.created_at == anchor, Batch.id < filt.before)))
-    page_sq = page.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1).subquery()
-    counts = (
-        select(TaskLog.batch_pk, TaskLog.status, func.count().label("n"))
-        .where(TaskLog.batch_pk.in_(select(page_sq.c.id)), TaskLog.map_index == -1)
-        .group_by(TaskLog.batch_pk, TaskLog.status)
-        .subquery()
-    )
     rows = session.execute(
-        select(page_sq, counts.c.status.label("task_status"), counts.c.n)
-        .outerjoin(counts, counts.c.batch_pk == page_sq.c.id)
-        .order_by(page_sq.c.created_at.desc(), page_sq.c.id.desc())
+        page.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
     ).all()
-    out: dict[int, BatchRow] = {}
-    for r in rows:
-        b = out.get(r.id)
-        if b is None:
-            b = out[r.id] = BatchRow(r.id, r.pipeline, r.batch_id, _value(r.status),
-                                     r.params or {}, r.created_at, r.finished_at)
-        if r.task_status is not None:
-            b.counts[_value(r.task_status)] = int(r.n)
-    batches = list(out.values())
+    batches = [BatchRow(r.id, r.pipeline, r.batch_id, _value(r.status), r.params or {},
+                        r.created_at, r.finished_at) for r in rows[:limit]]
+    todo: dict[int, BatchRow] = {}
     for b in batches:
-        b.counts = {s: b.counts[s] for s in TASK_STATUSES if s in b.counts}
-    return batches[:limit], len(batches) > limit
+        known = cache.get(b) if cache is not None else None
+        if known is None:
+            todo[b.pk] = b
+        else:
+            b.counts = dict(known)
+    if todo:
+        for pk, status, n in session.execute(
+            select(TaskLog.batch_pk, TaskLog.status, func.count())
+            .where(TaskLog.batch_pk.in_(list(todo)), TaskLog.map_index == -1)
+            .group_by(TaskLog.batch_pk, TaskLog.status)
+        ):
+            todo[pk].counts[_value(status)] = int(n)
+        for b in todo.values():
+            b.counts = {s: b.counts[s] for s in TASK_STATUSES if s in b.counts}
+            if cache is not None:
+                cache.put(b, dict(b.counts))
+    return batches, len(rows) > limit
 
 
 def _midnight(d: date) -> datetime:

@@ -48,7 +48,9 @@ def ui_config(settings: Settings, *, read_only: bool, host: str = "127.0.0.1",
             raise OrchestratorError(
                 f"no metadata database at {parsed.database}: run `orchestrator pipelines sync` "
                 "or the demo first (or set DATABASE_URL)")
-        engine = make_engine(url, pool_size=4, max_overflow=4,
+        # The same pool as the runtime's, which the deployment's connection budget counts.
+        engine = make_engine(url, pool_size=settings.db_pool_size,
+                             max_overflow=settings.db_max_overflow,
                              pool_timeout=settings.db_pool_timeout_s)
         try:
             yield UiConfig(make_sessionmaker(engine), None, label, secret=secret,
