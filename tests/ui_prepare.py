@@ -4,9 +4,10 @@ before the UI server runs its work).
 
 - `failed`: the demo's first three steps (2024-03 succeeds; 2024-04's expenses file
   has no `amount` column, so load_expenses fails and calculate_profit is
-  UPSTREAM_FAILED), a batch whose error, param and description carry markup, and a
-  batch of 10,000 tasks.
+  UPSTREAM_FAILED).
 - `fixed`: the demo's corrected expenses file lands in the bucket (no retry yet).
+- `extra` (in another home): a batch whose error, param and pipeline description
+  carry markup, and a batch of 10,000 tasks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main(home: Path, step: str) -> None:
             demo.sync_example(rt)
             demo.good_month(rt, home)
             demo.bad_month(rt, home)
+        elif step == "extra":
             now = datetime.now(UTC)
             failed_diamond(rt.sessions, now, pipeline="hostile", error=HOSTILE,
                            params={"region": HOSTILE}, description=HOSTILE)

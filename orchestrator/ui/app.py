@@ -87,6 +87,12 @@ def _iso(value: datetime | str | None) -> str:
     return value if isinstance(value, str) else value.isoformat()
 
 
+def _text(value: Any) -> str:
+    """A value as people read it: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, default=str,
+                                                           ensure_ascii=False)
+
+
 def _static_versions() -> dict[str, str]:
     root = resources.files("orchestrator.ui") / "static"
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:12]
@@ -107,7 +113,7 @@ def make_environment() -> jinja2.Environment:
         static=lambda name: f"/static/{name}?v={versions.get(name, '0')}",
         TASK_STATUSES=reads.TASK_STATUSES, BATCH_STATUSES=reads.BATCH_STATUSES,
     )
-    env.filters.update(hms=_hms, when=_when, iso=_iso)
+    env.filters.update(hms=_hms, when=_when, iso=_iso, text=_text)
     return env
 
 
