@@ -30,6 +30,9 @@ def test_the_demo_runs_fails_once_recovers_and_reruns_cleanly(tmp_path):
     assert "UPSTREAM_FAILED" in out and "has no column amount" in " ".join(out.split())
     assert "upstream load_expenses failed with" in out
     assert "demo finished in" in out
+    # It ends with the command that opens the same task log in the web UI.
+    assert out.strip().splitlines()[-1].strip() == (
+        "ORCHESTRATOR_HOME=.orchestrator/demo orchestrator ui")
 
     home = tmp_path / ".orchestrator" / "demo"
     status = {}

@@ -426,3 +426,28 @@ def test_the_batch_page_is_a_handful_of_statements_for_a_batch_of_thousands(runt
     assert "3000 tasks: too many to draw" in page.text
     assert page.text.count("<tr data-task=") == 200 and "page 1 of 15" in page.text
     assert page.text.count('class="span s-') == 200  # the first 200 attempts, by start
+
+
+def test_the_cli_command_refuses_a_missing_database_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli.app import app
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path / "nothing-here"))
+    result = CliRunner().invoke(app, ["ui", "--read-only", "--port", "1"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no metadata database at ")
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "nothing-here").exists()  # read-only creates nothing
+    bad = CliRunner().invoke(app, ["ui", "--port", "70000"])
+    assert bad.exit_code == 2
+
+
+def test_allowed_hosts_follow_the_address_it_listens_on():
+    from orchestrator.ui.server import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1", []) == ["localhost", "127.0.0.1", "[::1]"]
+    assert allowed_hosts("::1", ["ui.internal"])[-1] == "ui.internal"
+    assert allowed_hosts("0.0.0.0", []) is None  # behind a proxy that authenticates
+    assert allowed_hosts("0.0.0.0", ["UI.example"]) == ["ui.example"]

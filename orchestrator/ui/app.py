@@ -331,8 +331,11 @@ def create_app(config: UiConfig) -> Starlette:
             while time.monotonic() - started < config.stream_max_s:
                 try:
                     now = await run_in_threadpool(version, pk)
-                except (NotFound, SQLAlchemyError):
+                except NotFound:
                     yield "event: gone\ndata: {}\n\n"
+                    return
+                except SQLAlchemyError as exc:  # end here; the browser reconnects by itself
+                    logs.warning(f"ui: stream of {pipeline}/{batch_id} stopped: {exc}")
                     return
                 if now != last:
                     last = now
