@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orchestrator.errors import InvalidInput
-from orchestrator.pipeline.spec import NAME_RE, valid_batch_id
+from orchestrator.identifiers import NAME_RE, valid_batch_id
 
 MAX_PARAMS = 100
 

@@ -38,7 +38,7 @@ from starlette.staticfiles import StaticFiles
 
 from orchestrator import logs
 from orchestrator.errors import InvalidInput, NotFound
-from orchestrator.pipeline.spec import NAME_RE
+from orchestrator.identifiers import NAME_RE
 from orchestrator.ui import layout, pages, reads, urls
 from orchestrator.ui.actions import Actions, Done, check_batch_id, parse_params
 from orchestrator.ui.security import COOKIE, FIELD, Guard, Refused, Tokens, check_same_origin
