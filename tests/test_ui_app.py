@@ -451,3 +451,29 @@ def test_allowed_hosts_follow_the_address_it_listens_on():
     assert allowed_hosts("::1", ["ui.internal"])[-1] == "ui.internal"
     assert allowed_hosts("0.0.0.0", []) is None  # behind a proxy that authenticates
     assert allowed_hosts("0.0.0.0", ["UI.example"]) == ["ui.example"]
+
+
+@pytest.mark.postgres
+def test_a_mapped_task_shows_its_instance_counts_and_its_failed_instance_first(
+        pg_engine, pg_url, tmp_path):
+    from tests.embedded import pg_runtime
+    from tests.test_mapping import _parent_output_spec
+
+    with pg_runtime(pg_url, tmp_path, workers=4) as rt:
+        rt.sync_specs([_parent_output_spec()])
+        rt.start_batch("by_region", "bad", {"break_east": True})
+        assert rt.wait("by_region", "bad", timeout=20) == "FAILED"
+        with _client(rt, read_only=True) as client:
+            batch = client.get("/pipelines/by_region/batches/bad").text
+            load = client.get("/pipelines/by_region/batches/bad/tasks/load").text
+    node = re.search(r'data-task="load" data-status="ERROR">.*?</g>', batch, re.S)
+    assert node and "ERROR · 3/4 · 1 failed" in node.group(0)
+    assert re.search(r'<tr data-task="load" data-status="ERROR">.*?ERROR · 3/4 · 1 failed',
+                     batch, re.S)
+    assert batch.count(">load[") >= 4  # each instance's attempt in the timeline
+    instances = re.search(r'<section class="panel" id="instances">.*?</section>', load, re.S)
+    assert instances and "(4)" in instances.group(0)
+    rows = re.findall(r"<tr><td class=\"num\">(\d)</td><td><span class=\"status s-(\w+)\"",
+                      instances.group(0))
+    assert rows[0][1] == "error" and [r[1] for r in rows[1:]] == ["success"] * 3
+    assert "east is broken" in instances.group(0)

@@ -25,7 +25,7 @@ def dags(draw: st.DrawFn) -> tuple[list[str], list[tuple[str, str]]]:
     return list(order), edges
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(dags())
 def test_every_task_is_drawn_once_right_of_its_parents_and_no_two_boxes_overlap(dag):
     tasks, edges = dag

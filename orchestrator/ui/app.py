@@ -237,9 +237,7 @@ def create_app(config: UiConfig) -> Starlette:
         with sessions() as s:
             page = pages.BatchesPage(filt, config.clock(), counts)
             panels = pages.render_panels(s, pages.BATCHES_PANELS, page)
-        names = [p.pipeline for p in panels[0][1]["pipelines"]]
-        return r.html(request, "batches.html", {"panels": panels, "filt": filt,
-                                                "pipelines": names, "now": page.now})
+        return r.html(request, "batches.html", {"panels": panels, "filt": filt, "now": page.now})
 
     def _batch(request: Request) -> tuple[pages.BatchPage, list[tuple[str, dict[str, Any]]]]:
         args = request.query_params

@@ -18,6 +18,7 @@ import yaml
 from sqlalchemy.orm import Session
 
 from orchestrator import queries
+from orchestrator.status import BATCH_TERMINAL, FAILED, OPEN
 from orchestrator.ui import layout, reads
 from orchestrator.ui.urls import task_url
 
@@ -32,8 +33,9 @@ RECENT_RUNS = 20
 BATCHES_PAGE = 25
 ERROR_PREVIEW = 160
 
-TERMINAL_BATCH = ("SUCCESS", "FAILED", "CANCELLED")
-FAILED_TASK = ("ERROR", "UPSTREAM_FAILED", "CANCELLED")
+TERMINAL_BATCH = frozenset(s.value for s in BATCH_TERMINAL)
+FAILED_TASK = frozenset(s.value for s in FAILED)  # what "retry" reruns
+OPEN_TASK = frozenset(s.value for s in OPEN)  # what "cancel" stops
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def load_runs(s: Session, page: BatchesPage) -> dict[str, Any]:
 def load_batch_list(s: Session, page: BatchesPage) -> dict[str, Any]:
     rows, more = reads.batch_list(s, page.filt, BATCHES_PAGE, page.counts)
     return {"rows": rows, "more": more, "older": rows[-1].pk if more and rows else None,
-            "filt": page.filt}
+            "filt": page.filt, "pipelines": reads.pipeline_names(s)}
 
 
 BATCHES_PANELS = [
@@ -107,8 +109,7 @@ class BatchPage:
 
     @property
     def open_tasks(self) -> int:
-        return sum(n for st, n in self.doc["counts"].items()
-                   if st in ("PENDING", "QUEUED", "RUNNING", "RETRYING"))
+        return sum(n for st, n in self.doc["counts"].items() if st in OPEN_TASK)
 
 
 def batch_page(s: Session, pipeline: str, batch_id: str, now: datetime,

@@ -21,8 +21,13 @@
   async function refresh() {
     const region = live();
     if (!region) return;
-    const response = await fetch(region.dataset.fragment, {
-      headers: { "Accept": "text/html" }, credentials: "same-origin", cache: "no-store" });
+    let response;
+    try {
+      response = await fetch(region.dataset.fragment, {
+        headers: { "Accept": "text/html" }, credentials: "same-origin", cache: "no-store" });
+    } catch (err) {
+      return;  // the server is away; the stream reconnects and announces the next change
+    }
     if (!response.ok) return;
     const template = document.createElement("template");
     template.innerHTML = await response.text();
