@@ -56,7 +56,9 @@ def test_the_service_runs_orchestrator_ui_from_the_package_image_on_all_interfac
         'var.ui_read_only ? ["--read-only"] : [])')
     assert block(container, "ports")["container_port"] == 8080
     dockerfile = (TERRAFORM / "migrations" / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["orchestrator"]' in dockerfile and "pip install ." in dockerfile
+    # The image installs the package from its wheel, as tests/test_ui_browser.py serves it.
+    assert 'ENTRYPOINT ["orchestrator"]' in dockerfile
+    assert "pip wheel" in dockerfile and "pip install /wheels/*.whl" in dockerfile
 
 
 def test_the_service_gets_the_functions_settings_and_the_password_from_secret_manager():
