@@ -477,3 +477,32 @@ def test_a_mapped_task_shows_its_instance_counts_and_its_failed_instance_first(
                       instances.group(0))
     assert rows[0][1] == "error" and [r[1] for r in rows[1:]] == ["success"] * 3
     assert "east is broken" in instances.group(0)
+
+
+def test_a_scheduled_pipeline_shows_its_schedule_and_a_batch_its_deadline(runtime, clock):
+    from orchestrator.pipeline.spec import build_pipeline
+    from tests.dags import spec_from_edges
+
+    spec = build_pipeline({
+        "name": "daily_sales",
+        "schedule": {"cron": "0 6 * * *", "timezone": "Europe/Paris", "batch_id": "{date}"},
+        "tasks": [{"name": "report", "handler": "noop"}],
+    }, known_handlers={"noop"})
+    runtime.sync_specs([spec])
+    assert runtime.start_batch("daily_sales", "by-hand", deadline_s=3600)
+    with _client(runtime) as client:
+        pipeline = client.get("/pipelines/daily_sales").text
+        batch = client.get("/pipelines/daily_sales/batches/by-hand").text
+        runtime.sync_specs([spec_from_edges("plain", {"only": []})])
+        unscheduled = client.get("/pipelines/plain").text
+    schedule = re.search(r'<section class="panel" id="schedule">.*?</section>', pipeline, re.S)
+    assert schedule, pipeline
+    text = html.unescape(re.sub(r"<[^>]+>", " ", schedule.group(0)))
+    assert "0 6 * * *" in text and "Europe/Paris" in text and "{date}" in text
+    # The next three 06:00 ticks in Paris after the clock's 2024-03-01 12:00 UTC.
+    assert re.findall(r"2024-03-0(\d)T06:00:00\+01:00", text) == ["2", "3", "4"]
+    assert "pause daily_sales" in text and "paused" not in text.split("Schedule")[1][:20]
+    deadline = re.search(r'<dd id="deadline">(.*?)</dd>', batch, re.S)
+    assert deadline and deadline.group(1).startswith("2024-03-01 13:00:00 UTC")
+    assert "the batch fails" in deadline.group(1)
+    assert 'id="schedule"' not in unscheduled and 'id="graph"' in unscheduled

@@ -286,6 +286,14 @@ def load_versions(s: Session, page: PipelinePage) -> dict[str, Any]:
     return {"versions": reads.pipeline_versions(s, page.info.id)}
 
 
+def load_schedule(s: Session, page: PipelinePage) -> dict[str, Any]:
+    # The same listing as `orchestrator schedules` (times in the schedule's zone).
+    from orchestrator import schedules
+
+    found = [r for r in schedules.listing(s, page.now) if r["pipeline"] == page.info.name]
+    return {"schedule": found[0] if found else None}
+
+
 def load_pipeline_batches(s: Session, page: PipelinePage) -> dict[str, Any]:
     rows, more = reads.batch_list(s, reads.BatchFilter(pipeline=page.info.name), RECENT_RUNS,
                                   page.counts)
@@ -293,6 +301,7 @@ def load_pipeline_batches(s: Session, page: PipelinePage) -> dict[str, Any]:
 
 
 PIPELINE_PANELS = [
+    Panel("panels/schedule.html", load_schedule),
     Panel("panels/pipeline_graph.html", load_pipeline_graph),
     Panel("panels/pipeline_batches.html", load_pipeline_batches),
     Panel("panels/definition.html", load_definition),
