@@ -112,13 +112,13 @@ class Worker:
             if batch is None:
                 return None
             task = engine.catalog.task_by_name(s, batch, msg.task)
-        if task is None or not self._is_plain(task):
+        if task is None or not self._is_plain(task, batch):
             return None
         return engine.catalog.task_row(batch, task, msg.attempt)
 
-    def _is_plain(self, task: engine.catalog.TaskDef) -> bool:
+    def _is_plain(self, task: engine.catalog.TaskDef, batch: engine.catalog.BatchRef) -> bool:
         return (task.map_over is None and task.concurrency is None
-                and task.pipeline_concurrency is None and self.default_concurrency is None
+                and batch.concurrency is None and self.default_concurrency is None
                 and breaker.policy_for(task.handler, task.config) is None)
 
     def _execute(self, claimed: Claimed, policy: breaker.Policy | RouteResult | None,
@@ -174,7 +174,7 @@ class Worker:
                 continue
             batch = engine.catalog.batch_ref(s, d.pipeline, d.batch_id)
             task = engine.catalog.task_by_name(s, batch, d.task) if batch else None
-            if batch is None or task is None or not self._is_plain(task):
+            if batch is None or task is None or not self._is_plain(task, batch):
                 continue
             claimed = engine.claim(s, engine.catalog.task_row(batch, task, d.attempt), d.attempt,
                                    now, known_parents=known_parents)

@@ -187,6 +187,11 @@ class TaskLog(Base):
     # Attempts used before the current run (a manual retry starts a fresh budget
     # but keeps numbering up, so older attempts stay fenced off).
     retry_base: Mapped[int] = mapped_column(Integer, default=0)
+    # On a mapped task's own row: the highest attempt its instances of earlier
+    # expansions reached. A new expansion numbers its instances on from there, so an
+    # (instance, attempt) pair is never used twice and a zombie stays fenced off.
+    map_attempt_base: Mapped[int] = mapped_column(Integer, default=0,
+                                                  server_default=text("0"))
     trigger_rule: Mapped[TriggerRule] = mapped_column(_enum(TriggerRule, "trigger_rule"))
     pending_parents: Mapped[int] = mapped_column(Integer, default=0)
     failed_parents: Mapped[int] = mapped_column(Integer, default=0)
@@ -239,7 +244,8 @@ class ConcurrencyLock(Base):
 
     __tablename__ = "concurrency_locks"
 
-    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # `task:` + a 128-character pipeline name + `.` + a 128-character task name fits.
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
 
 
 class CircuitBreaker(Base):
@@ -282,6 +288,9 @@ class PipelineVersion(Base):
     alerts: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     # {task: {"expected_by": "06:30", "fail_after": "2h"}} for file-triggered tasks.
     files: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # The cap on RUNNING tasks of each batch of this version (`pipelines.concurrency` is
+    # the latest file's, which a sync overwrites).
+    concurrency: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 

@@ -1,4 +1,9 @@
-"""Batch-level transitions: start, cancel, retry the failed part, close."""
+"""Batch-level transitions: start, cancel, retry the failed part, close.
+
+Each of cancel, retry and close reads or changes the batch as a whole, so each
+takes the batch row's lock first (`locks.lock_batch`), as the engine's docstring
+sets out; what each one must see of the per-task transitions is said beside it.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db.dialect import insert_ignore
 from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskLog, task_log_table
-from orchestrator.db.types import UTCDateTime
-from orchestrator.engine import lookup
+from orchestrator.db.types import UTCDateTime, json_problem
+from orchestrator.engine import locks, lookup
 from orchestrator.engine.dag import evaluate_ready
 from orchestrator.engine.events import event, record
 from orchestrator.engine.types import BatchFinished, Dispatch
@@ -47,6 +52,8 @@ def start_batch(
         raise InvalidInput(
             f"invalid batch_id {batch_id!r}: use letters, digits and . _ - = : (at most 128)"
         )
+    if (problem := json_problem(params or {}, "params")) is not None:
+        raise InvalidInput(f"invalid params: {problem}")
     pipe = session.execute(
         select(Pipeline.id, Pipeline.version).where(Pipeline.name == pipeline)
     ).one_or_none()
@@ -107,8 +114,19 @@ def cancel_batch(session: Session, pipeline: str, batch_id: str, now: datetime,
                  detail: dict[str, Any] | None = None) -> int:
     """Every open task -> CANCELLED, at once, and the batch -> `final` (FAILED for a
     missed deadline). A RUNNING handler sees it at its next `is_active()` check, and
-    its late result is fenced off. Returns tasks cancelled."""
+    its late result is fenced off. Returns tasks cancelled.
+
+    Under the batch lock no open row can appear (only a retry or an expansion adds
+    them, and both take that lock), so the open rows read here are all there will be;
+    they are locked in the engine's order before the UPDATE, which then waits for no one.
+    """
     batch = lookup.find_batch(session, pipeline, batch_id)
+    locks.lock_batch(session, batch.id)
+    open_rows = session.execute(
+        select(TaskLog.id, TaskLog.task_id, TaskLog.map_index)
+        .where(TaskLog.batch_pk == batch.id, TaskLog.status.in_(OPEN))
+    ).all()
+    locks.lock_rows(session, [(r[0], r[1], r[2]) for r in open_rows], shared=False)
     rows = session.execute(
         update(TaskLog)
         .where(TaskLog.batch_pk == batch.id, TaskLog.status.in_(OPEN))
@@ -137,10 +155,23 @@ def retry_batch(
     """Rerun the failed part of a batch (or the named tasks and everything downstream).
 
     The reset rows get a fresh retry budget but keep counting attempts up, so a
-    zombie from an earlier attempt stays fenced off. Counters are recomputed from
-    the parents' current statuses, then the ready rows are promoted as usual.
+    zombie from an earlier attempt stays fenced off; a mapped task's instances go,
+    and its next expansion numbers them on from the highest attempt they reached.
+    Counters are recomputed from the parents' current statuses, then the ready rows
+    are promoted as usual.
+
+    The batch lock orders the retry with a close (which then either sees the reset
+    rows or has closed the batch, which the retry reopens) and with cancels and
+    expansions. The reset rows themselves are terminal, which no transition but a
+    retry leaves. Their parents outside the reset are not: one may be committing its
+    terminal transition, whose decrement of a reset child found that child terminal
+    and did nothing. So those parents' rows are locked (shared) before they are
+    counted: a transition in flight holds its row, so the count waits for its commit
+    and sees it finished; a later one waits for this commit, and its decrement then
+    finds the child PENDING, counting it.
     """
     batch = lookup.find_batch(session, pipeline, batch_id)
+    status = locks.lock_batch(session, batch.id)
     all_tasks = dict(session.execute(
         select(Task.name, Task.id).where(Task.pipeline_id == batch.pipeline_id,
                                          Task.version == batch.pipeline_version)
@@ -179,27 +210,43 @@ def retry_batch(
     if open_rows:
         raise InvalidInput("some of those tasks are still running or queued; wait or cancel first")
     ids = sorted(reset)
-    # A mapped task expands again when it reruns: its old instances go.
-    session.execute(
-        delete(TaskLog)
-        .where(TaskLog.batch_pk == batch.id, TaskLog.task_id.in_(ids), TaskLog.map_index >= 0)
-        .execution_options(synchronize_session=False)
+    outside = sorted({p for p, c in edges if c in reset and p not in reset})
+    if outside:
+        parent_rows = session.execute(
+            select(TaskLog.id, TaskLog.task_id, TaskLog.map_index)
+            .where(TaskLog.batch_pk == batch.id, TaskLog.task_id.in_(outside),
+                   TaskLog.map_index == -1)
+        ).all()
+        locks.lock_rows(session, [(r[0], r[1], r[2]) for r in parent_rows], shared=True)
+    instance = task_log_table.alias("instance")
+    highest_instance_attempt = (
+        select(func.max(instance.c.attempt))
+        .where(instance.c.batch_pk == TaskLog.batch_pk, instance.c.task_id == TaskLog.task_id,
+               instance.c.map_index >= 0)
+        .scalar_subquery()
     )
     before = session.execute(
         update(TaskLog)
-        .where(TaskLog.batch_pk == batch.id, TaskLog.task_id.in_(ids))
+        .where(TaskLog.batch_pk == batch.id, TaskLog.task_id.in_(ids), TaskLog.map_index == -1)
         .values(
             status=S.PENDING,
             retry_base=case((TaskLog.started_at.is_(None), TaskLog.retry_base),
                             else_=TaskLog.attempt),
             attempt=case((TaskLog.started_at.is_(None), TaskLog.attempt),
                          else_=TaskLog.attempt + 1),
+            map_attempt_base=func.coalesce(highest_instance_attempt, TaskLog.map_attempt_base),
             started_at=None, finished_at=None, error=None, output=None, next_attempt_at=None,
             lease_expires_at=None, updated_at=now,
         )
         .returning(TaskLog.task_id, TaskLog.attempt)
         .execution_options(synchronize_session=False)
     ).all()
+    # A mapped task expands again when it reruns: its old instances go.
+    session.execute(
+        delete(TaskLog)
+        .where(TaskLog.batch_pk == batch.id, TaskLog.task_id.in_(ids), TaskLog.map_index >= 0)
+        .execution_options(synchronize_session=False)
+    )
     parent_log = task_log_table.alias("parent_log")
     dep = TaskDependency.__table__
 
@@ -225,7 +272,7 @@ def retry_batch(
         )
         .execution_options(synchronize_session=False)
     )
-    if batch.status != BatchStatus.RUNNING:
+    if status != BatchStatus.RUNNING:
         session.execute(
             update(Batch).where(Batch.id == batch.id)
             .values(status=BatchStatus.RUNNING, finished_at=None)
@@ -233,7 +280,7 @@ def retry_batch(
         )
     promo = evaluate_ready(session, batch.id, ids, now)
     record(session, [
-        event(batch.id, None, None, batch.status, BatchStatus.RUNNING, now,
+        event(batch.id, None, None, status, BatchStatus.RUNNING, now,
               {"reason": "retry", "tasks": len(ids)}),
         *(event(batch.id, t, a, None, S.PENDING, now, {"reason": "retry"}) for t, a in before),
         *promo.events,
@@ -241,14 +288,28 @@ def retry_batch(
     return lookup.dispatches(session, pipeline, batch_id, promo.queued)
 
 
-def close_batch_if_done(session: Session, batch_pk: int, now: datetime) -> BatchFinished | None:
-    """RUNNING -> SUCCESS/FAILED once no task is open. Guarded, so concurrent last
-    tasks close it once. Called after the terminal transaction commits (a check
-    inside it could miss a sibling committing at the same instant)."""
-    still_open = session.execute(
+def _has_open_task(session: Session, batch_pk: int) -> bool:
+    return session.execute(
         select(TaskLog.id).where(TaskLog.batch_pk == batch_pk, TaskLog.status.in_(OPEN)).limit(1)
-    ).first()
-    if still_open is not None:
+    ).first() is not None
+
+
+def close_batch_if_done(session: Session, batch_pk: int, now: datetime) -> BatchFinished | None:
+    """RUNNING -> SUCCESS/FAILED once no task is open. Called after the terminal
+    transaction commits (a check inside it could miss a sibling committing at the
+    same instant); guarded, so concurrent last tasks close it once.
+
+    "No task open" can only stop being true through a retry, so the usual answer
+    ("still open") is read without a lock, and only a batch that looks done is locked
+    and checked again, in a statement that starts after the lock is granted: a retry
+    that committed meanwhile is seen there, and one that comes later finds the batch
+    closed and reopens it.
+    """
+    if _has_open_task(session, batch_pk):
+        return None
+    if locks.lock_batch(session, batch_pk) != BatchStatus.RUNNING:
+        return None
+    if _has_open_task(session, batch_pk):
         return None
     failed = session.execute(
         select(TaskLog.id).where(TaskLog.batch_pk == batch_pk,
@@ -269,5 +330,3 @@ def close_batch_if_done(session: Session, batch_pk: int, now: datetime) -> Batch
     record(session, [event(batch_pk, None, None, BatchStatus.RUNNING, final, now,
                            {"duration_s": duration})])
     return BatchFinished(batch_pk, pipeline, row[1], final, row[0], now)
-
-

@@ -1,8 +1,9 @@
 """Immutable definitions, read once per process: the hot path's dictionary.
 
 A pipeline version's tasks and edges never change once synced (a changed file
-becomes a new version), and a batch's pipeline, version and params never change
-after it starts. So the per-delivery work can skip re-reading them: a claim is
+becomes a new version), and a batch's pipeline, version, params and concurrency cap
+never change after it starts. What a sync overwrites in place (the `pipelines` row's
+own columns) is never read through here. So the per-delivery work can skip re-reading them: a claim is
 then one guarded UPDATE, with no join to find what it is claiming.
 
 Caches are keyed by engine (weakly): a process may talk to several databases.
@@ -18,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency
+from orchestrator.db.models import Batch, Pipeline, PipelineVersion, Task, TaskDependency
 from orchestrator.status import BatchStatus, TaskStatus
 
 
@@ -37,10 +38,12 @@ class TaskDef:
     retry_max_delay_s: float
     timeout_s: float
     concurrency: int | None
-    pipeline_concurrency: int | None
     map_over: dict[str, Any] | None
     parents: tuple[int, ...]
     children: tuple[int, ...]
+    # The longest path from a root: every edge leads to a greater depth, which gives
+    # whole-batch operations an order to lock rows in that matches the per-task ones.
+    depth: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class BatchRef:
     batch_id: str
     version: int
     params: dict[str, Any]
+    # The cap on the batch's RUNNING tasks, its pipeline version's.
+    concurrency: int | None = None
 
 
 class _Catalog:
@@ -80,11 +85,11 @@ def clear() -> None:
 def _load_version(session: Session, cat: _Catalog, pipeline_pk: int, version: int) -> None:
     """Every task of one pipeline version and its edges: two queries, once."""
     rows = session.execute(
-        select(Task, Pipeline.name, Pipeline.concurrency)
+        select(Task, Pipeline.name)
         .join(Pipeline, Pipeline.id == Task.pipeline_id)
         .where(Task.pipeline_id == pipeline_pk, Task.version == version)
     ).all()
-    ids = [t.id for t, _, _ in rows]
+    ids = [t.id for t, _ in rows]
     edges = session.execute(
         select(TaskDependency.parent_task_id, TaskDependency.child_task_id)
         .where(TaskDependency.child_task_id.in_(ids))
@@ -94,18 +99,39 @@ def _load_version(session: Session, cat: _Catalog, pipeline_pk: int, version: in
     for p, c in edges:
         parents.setdefault(c, []).append(p)
         children.setdefault(p, []).append(c)
-    for t, pipeline, pipeline_concurrency in rows:
+    depth: dict[int, int] = {}
+    for task_id in _topological(ids, parents):
+        depth[task_id] = max((depth[p] + 1 for p in parents.get(task_id, ())), default=0)
+    for t, pipeline in rows:
         cat.tasks[t.id] = TaskDef(
             task_id=t.id, name=t.name, pipeline_pk=t.pipeline_id, pipeline=pipeline,
             version=t.version, handler=t.handler, config=t.config or {},
             max_attempts=t.max_attempts, retry_initial_delay_s=t.retry_initial_delay_s,
             retry_backoff_factor=t.retry_backoff_factor, retry_max_delay_s=t.retry_max_delay_s,
-            timeout_s=t.timeout_s, concurrency=t.concurrency,
-            pipeline_concurrency=pipeline_concurrency, map_over=t.map_over,
+            timeout_s=t.timeout_s, concurrency=t.concurrency, map_over=t.map_over,
             parents=tuple(sorted(parents.get(t.id, ()))),
-            children=tuple(sorted(children.get(t.id, ()))),
+            children=tuple(sorted(children.get(t.id, ()))), depth=depth.get(t.id, 0),
         )
         cat.by_name[(t.pipeline_id, t.version, t.name)] = t.id
+
+
+def _topological(ids: list[int], parents: dict[int, list[int]]) -> list[int]:
+    """`ids` with every task after its parents (a synced version has no cycle)."""
+    out: list[int] = []
+    done: set[int] = set()
+    for start in ids:
+        stack = [(start, False)]
+        while stack:
+            t, expanded = stack.pop()
+            if t in done:
+                continue
+            if expanded:
+                done.add(t)
+                out.append(t)
+                continue
+            stack.append((t, True))
+            stack.extend((p, False) for p in parents.get(t, ()) if p not in done)
+    return out
 
 
 def task_def(session: Session, task_id: int) -> TaskDef:
@@ -134,13 +160,16 @@ def batch_ref(session: Session, pipeline: str, batch_id: str) -> BatchRef | None
     found = cat.batches.get((pipeline, batch_id))
     if found is None:
         row = session.execute(
-            select(Batch.id, Batch.pipeline_id, Batch.pipeline_version, Batch.params)
+            select(Batch.id, Batch.pipeline_id, Batch.pipeline_version, Batch.params,
+                   PipelineVersion.concurrency)
             .join(Pipeline, Pipeline.id == Batch.pipeline_id)
+            .outerjoin(PipelineVersion, (PipelineVersion.pipeline_id == Batch.pipeline_id)
+                       & (PipelineVersion.version == Batch.pipeline_version))
             .where(Pipeline.name == pipeline, Batch.batch_id == batch_id)
         ).one_or_none()
         if row is None:
             return None  # not cached: the batch may be started a moment later
-        found = BatchRef(row[0], row[1], pipeline, batch_id, row[2], row[3] or {})
+        found = BatchRef(row[0], row[1], pipeline, batch_id, row[2], row[3] or {}, row[4])
         cat.batches[(pipeline, batch_id)] = found
     return found
 
@@ -159,6 +188,6 @@ def task_row(batch: BatchRef, task: TaskDef, attempt: int, map_index: int = -1) 
         retry_max_delay_s=task.retry_max_delay_s, timeout_s=task.timeout_s,
         params=batch.params, batch_status=BatchStatus.RUNNING, input=None,
         map_index=map_index, concurrency=task.concurrency,
-        pipeline_concurrency=task.pipeline_concurrency, pipeline_pk=task.pipeline_pk,
+        pipeline_concurrency=batch.concurrency, pipeline_pk=task.pipeline_pk,
         map_over=task.map_over,
     )

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db.models import TaskLog
 from orchestrator.db.types import UTCDateTime
-from orchestrator.engine import lookup
+from orchestrator.engine import locks, lookup
 from orchestrator.engine.dag import FAILED, KIND_OF, check_and_trigger_children
 from orchestrator.engine.events import event, record
 from orchestrator.engine.types import Dispatch, Outcome, TaskRow
@@ -41,25 +41,37 @@ S = TaskStatus
 def expand(session: Session, row: TaskRow, attempt: int, items: list[Any],
            now: datetime) -> Outcome:
     """RUNNING mapped task -> one QUEUED instance per item (or SUCCESS with `[]` for none).
-    Guarded on the attempt that claimed it and on its lease, so it expands once."""
+    Guarded on the attempt that claimed it and on its lease, so it expands once.
+
+    It adds open rows to the batch, so it first takes the batch lock (shared): a cancel
+    that committed before finds the task CANCELLED here and nothing is added; one that
+    comes later waits for this commit, and then sees every instance.
+    """
     n = len(items)
+    locks.lock_batch(session, row.batch_pk, shared=True)
+    values: dict[str, Any] = {"lease_expires_at": None, "pending_parents": n,
+                              "failed_parents": 0, "skipped_parents": 0, "output": None,
+                              "updated_at": now}
+    if n == 0:
+        values.update(status=S.SUCCESS, output=[], finished_at=now)
     got = session.execute(
         update(TaskLog)
         .where(TaskLog.id == row.log_id, TaskLog.status == S.RUNNING,
                TaskLog.attempt == attempt, TaskLog.lease_expires_at.is_not(None))
-        .values(lease_expires_at=None, pending_parents=n, failed_parents=0, skipped_parents=0,
-                output=None, updated_at=now,
-                **({"status": S.SUCCESS, "output": [], "finished_at": now} if n == 0 else {}))
-        .returning(TaskLog.id)
+        .values(values)
+        .returning(TaskLog.map_attempt_base)
         .execution_options(synchronize_session=False)
     ).first()
     if got is None:
         return Outcome(applied=False, reason="not RUNNING under this attempt (stale or fenced)")
     if n == 0:
         return _finished(session, row, attempt, S.SUCCESS, now, {"map_instances": 0})
+    # Instances of earlier expansions (before a retry) used attempts up to `base`.
+    base = got[0]
+    first = base + 1
     session.execute(insert(TaskLog), [
         {"batch_pk": row.batch_pk, "task_id": row.task_id, "map_index": i,
-         "status": S.QUEUED, "attempt": 1, "retry_base": 0,
+         "status": S.QUEUED, "attempt": first, "retry_base": base,
          "trigger_rule": TriggerRule.ALL_SUCCESS, "pending_parents": 0, "failed_parents": 0,
          "skipped_parents": 0, "waiting_for_file": False,
          "input": {"item": item, "map_index": i}, "dispatch_count": 0,
@@ -69,12 +81,12 @@ def expand(session: Session, row: TaskRow, attempt: int, items: list[Any],
     record(session, [
         event(row.batch_pk, row.task_id, attempt, S.RUNNING, S.RUNNING, now,
               {"map_instances": n}),
-        *(event(row.batch_pk, row.task_id, 1, None, S.QUEUED, now, {"map_index": i})
+        *(event(row.batch_pk, row.task_id, first, None, S.QUEUED, now, {"map_index": i})
           for i in range(n)),
     ])
     names = lookup.task_names(session, [row.task_id])
     return Outcome(applied=True, queued=[
-        Dispatch(row.pipeline, row.batch_id, names[row.task_id], 1, i) for i in range(n)])
+        Dispatch(row.pipeline, row.batch_id, names[row.task_id], first, i) for i in range(n)])
 
 
 def instance_finished(session: Session, row: TaskRow, status: TaskStatus,

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from orchestrator.db.models import Batch, Pipeline, Task, TaskLog
+from orchestrator.db.models import Batch, Pipeline, PipelineVersion, Task, TaskLog
 from orchestrator.engine import catalog
 from orchestrator.engine.types import Dispatch, TaskRow
 from orchestrator.errors import NotFound
@@ -80,12 +80,14 @@ def _resolve(session: Session, map_index: int, *where: Any) -> TaskRow | None:
             TaskLog.attempt, TaskLog.retry_base, Task.max_attempts, Task.retry_initial_delay_s,
             Task.retry_backoff_factor, Task.retry_max_delay_s, Task.timeout_s,
             Batch.params, Batch.status, TaskLog.input, TaskLog.map_index, Task.concurrency,
-            Pipeline.concurrency, Pipeline.id, Task.map_over,
+            PipelineVersion.concurrency, Pipeline.id, Task.map_over,
         )
         .select_from(Pipeline)
         .join(Batch, Batch.pipeline_id == Pipeline.id)
         .join(Task, (Task.pipeline_id == Pipeline.id) & (Task.version == Batch.pipeline_version))
         .join(TaskLog, (TaskLog.batch_pk == Batch.id) & (TaskLog.task_id == Task.id))
+        .outerjoin(PipelineVersion, (PipelineVersion.pipeline_id == Pipeline.id)
+                   & (PipelineVersion.version == Batch.pipeline_version))
         .where(*where, TaskLog.map_index == map_index)
     ).one_or_none()
     if row is None:

@@ -61,7 +61,8 @@ class TaskRow:
     batch_status: BatchStatus
     input: dict[str, Any] | None = None
     map_index: int = -1
-    # Limits on RUNNING attempts: this task's (across batches), its pipeline's (per batch).
+    # Limits on RUNNING attempts: this task's (across batches), and its pipeline
+    # version's per batch.
     concurrency: int | None = None
     pipeline_concurrency: int | None = None
     pipeline_pk: int = 0

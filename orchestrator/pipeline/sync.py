@@ -106,6 +106,7 @@ def _sync_time_rules(session: Session, spec: PipelineSpec, pipeline_pk: int, ver
     session.execute(insert(PipelineVersion).values(
         pipeline_id=pipeline_pk, version=version, created_at=now,
         timezone=spec.schedule.timezone if spec.schedule else "UTC",
+        concurrency=spec.concurrency,
         **{k: v for k, v in rules.items() if v is not None},
     ))
     if spec.schedule is None:
