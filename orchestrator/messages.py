@@ -10,12 +10,23 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
+from orchestrator.db.types import json_problem
 from orchestrator.errors import InvalidInput
 from orchestrator.identifiers import BATCH_ID_RE, NAME_RE
 
 MAX_MESSAGE_BYTES = 1_000_000
+# A deadline further out than this is a mistake (and past datetime's range, a crash).
+MAX_DEADLINE_S = 366 * 24 * 3600
 
 Name = Annotated[str, StringConstraints(pattern=NAME_RE.pattern)]
 BatchId = Annotated[str, StringConstraints(pattern=BATCH_ID_RE.pattern)]
@@ -31,7 +42,16 @@ class StartBatch(_Message):
     batch_id: BatchId
     params: dict[str, Any] = Field(default_factory=dict)
     # Optional: cancel the batch if it has not finished this many seconds after start.
-    deadline_s: float | None = Field(default=None, gt=0)
+    deadline_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S,
+                                     allow_inf_nan=False)
+
+    @field_validator("params")
+    @classmethod
+    def _storable(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # Checked here, not when the database refuses them: the sender gets the reason.
+        if (problem := json_problem(params, "params")) is not None:
+            raise ValueError(problem)
+        return params
 
 
 class RunTask(_Message):

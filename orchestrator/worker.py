@@ -21,11 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import engine, failpoints, handlers, logs, mapping
 from orchestrator.db.models import TaskLog
-from orchestrator.db.session import transaction
+from orchestrator.db.session import is_infrastructure, transaction
+from orchestrator.db.types import json_problem
 from orchestrator.dispatcher import Dispatcher, RouteResult
 from orchestrator.engine import breaker, concurrency, expansion
 from orchestrator.engine.types import Claimed, Outcome, TaskRow
@@ -89,7 +91,6 @@ class Worker:
             logs.info("duplicate or stale delivery: task is not QUEUED under this attempt",
                       outcome="duplicate", **labels)
             return RouteResult("duplicate")
-        failpoints.hit("after_claim")
         result, nxt = self._execute(claimed, policy, labels)
         # The continuation: a child this worker claimed in its parent's own SUCCESS
         # transaction runs here at once, with no publish and no second delivery. Past
@@ -125,7 +126,37 @@ class Worker:
                  labels: dict[str, Any], *, may_continue: bool = True,
                  ) -> tuple[RouteResult, Claimed | None]:
         """Run a claimed attempt's handler and record its outcome; also returns the child
-        claimed to run next on this worker, if any."""
+        claimed to run next on this worker, if any.
+
+        The attempt belongs to this worker from its claim on, and so does whatever goes
+        wrong with it: anything raised here that is not the database or the publisher
+        being out of reach (which the delivery's redelivery retries) fails the attempt
+        on the spot, with its real reason, instead of leaving it RUNNING until the lease
+        expires and then blaming the lease.
+        """
+        try:
+            failpoints.hit("after_claim")
+            return self._attempt(claimed, policy, labels, may_continue=may_continue)
+        except Exception as exc:
+            if is_infrastructure(exc):
+                raise
+            return self._attempt_broke(claimed, exc, labels), None
+
+    def _attempt_broke(self, claimed: Claimed, exc: Exception, labels: dict[str, Any]
+                       ) -> RouteResult:
+        """Record an attempt that failed around its handler (say, its result could not be
+        stored): bad data fails the task, anything else goes through its retry policy."""
+        row, attempt = claimed.row, claimed.attempt
+        reason = f"{type(exc).__name__}: {exc}"
+        logs.log.error(f"attempt failed outside its handler: {reason}", exc_info=exc,
+                       extra={"fields": {"outcome": "failed", **labels}})
+        permanent = isinstance(exc, PermanentError | DataError)
+        return self._fail(row, attempt, reason, None if permanent else row.retry_delay(attempt),
+                          labels)
+
+    def _attempt(self, claimed: Claimed, policy: breaker.Policy | RouteResult | None,
+                 labels: dict[str, Any], *, may_continue: bool = True,
+                 ) -> tuple[RouteResult, Claimed | None]:
         row = claimed.row
         attempt = claimed.attempt
         if row.map_over is not None and row.map_index < 0:
@@ -203,9 +234,12 @@ class Worker:
         if not isinstance(output, dict):
             raise PermanentError(f"handler returned {type(output).__name__}, expected a dict")
         try:
-            return json.loads(json.dumps(output, default=str))
-        except (TypeError, ValueError) as exc:
+            stored = json.loads(json.dumps(output, default=str))
+        except (TypeError, ValueError, RecursionError) as exc:
             raise PermanentError(f"handler output is not JSON-serialisable: {exc}") from exc
+        if (problem := json_problem(stored, "output")) is not None:
+            raise PermanentError(f"handler output cannot be stored: {problem}")
+        return stored
 
     def _breaker_gate(self, msg: RunTask, now: Any) -> breaker.Policy | RouteResult | None:
         """The task's circuit breaker (None: it has none), or a `deferred` result when

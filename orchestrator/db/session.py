@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -84,6 +85,18 @@ def _is_retryable(exc: DBAPIError) -> bool:
 
 def _is_unreachable(exc: DBAPIError) -> bool:
     return isinstance(exc, OperationalError) or bool(exc.connection_invalidated)
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """True when `exc` says the database or the message bus could not do the work now
+    (unreachable, timed out, or still deadlocked after the retries), so the same work
+    can succeed later. Anything else is about the input or the code: doing it again
+    gives the same answer."""
+    if isinstance(exc, InfrastructureError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return _is_retryable(exc) or _is_unreachable(exc)
+    return isinstance(exc, sa_exc.TimeoutError | sa_exc.DisconnectionError)
 
 
 def transaction(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:

@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.db.models import TaskLog, task_log_table
-from orchestrator.db.types import UTCDateTime
+from orchestrator.db.types import UTCDateTime, storable_text
 from orchestrator.engine import catalog, concurrency, expansion, lookup
 from orchestrator.engine.dag import KIND_OF, check_and_trigger_children
 from orchestrator.engine.events import event, record
@@ -168,7 +168,9 @@ def fail(
 ) -> Outcome:
     """RUNNING -> RETRYING (after `retry_delay_s`), straight to QUEUED for the next
     attempt when the delay is zero, or ERROR when `retry_delay_s` is None."""
-    error = error[:8000]
+    # The reason is kept whatever it holds: a NUL or a lone surrogate would make the
+    # database refuse the whole transition and leave the task RUNNING.
+    error = storable_text(error[:8000])
     if retry_delay_s is None:
         got = session.execute(
             _guarded(row, from_states, attempt)
