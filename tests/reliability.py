@@ -179,3 +179,55 @@ def claims(engine: Engine) -> Counter[tuple[str, str, int]]:
             "JOIN batches b ON b.id = e.batch_pk JOIN tasks t ON t.id = e.task_id "
             "WHERE e.from_status = 'QUEUED' AND e.to_status = 'RUNNING'")).all()
     return Counter((r[0], r[1], r[2]) for r in rows)
+
+
+def rule_violations(spec: PipelineSpec, states: dict[str, str]) -> list[str]:
+    """Tasks whose final status their parents' final statuses and trigger rule do not
+    allow, whatever happened in between (retries, cancels): a task that ran had parents
+    that let it run, an UPSTREAM_FAILED one a failed parent, and none is left open."""
+    bad = []
+    for name in spec.topological_order():
+        task = spec.task(name)
+        status = states[name]
+        parents = [states[p] for p in task.depends_on]
+        failed = any(p in FAILED_KINDS for p in parents)
+        skipped = any(p == "SKIPPED" for p in parents)
+        done = all(p in {"SUCCESS", "SKIPPED"} | FAILED_KINDS for p in parents)
+        rule = task.trigger_rule.value
+        if status in ("SUCCESS", "ERROR"):  # it ran
+            ok = {"all_success": done and not failed and not skipped, "all_done": done,
+                  "one_failed": failed}[rule]
+        elif status == "UPSTREAM_FAILED":
+            ok = rule == "all_success" and failed
+        elif status == "SKIPPED":
+            ok = done and ((rule == "all_success" and skipped and not failed)
+                           or (rule == "one_failed" and not failed))
+        else:
+            ok = status == "CANCELLED"
+        if not ok:
+            seen = dict(zip(task.depends_on, parents, strict=True))
+            bad.append(f"{name} {status} ({rule}) with parents {seen}")
+    return bad
+
+
+def batch_violation(states: dict[str, str], status: str) -> str | None:
+    """What is wrong with a batch's status given its tasks' (None if nothing)."""
+    if any(s not in {"SUCCESS", "SKIPPED"} | FAILED_KINDS for s in states.values()):
+        return f"batch {status} with open tasks {states}"
+    failed = any(s in FAILED_KINDS for s in states.values())
+    if failed and status not in ("FAILED", "CANCELLED"):
+        return f"batch {status} although a task failed: {states}"
+    if not failed and status != "SUCCESS":
+        return f"batch {status} although every task succeeded or was skipped: {states}"
+    return None
+
+
+def last_batch_events(engine: Engine) -> dict[str, str]:
+    """batch_id -> the status its last batch-level event moved it to."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT DISTINCT ON (e.batch_pk) b.batch_id, e.to_status FROM task_events e "
+            "JOIN batches b ON b.id = e.batch_pk WHERE e.task_id IS NULL "
+            "ORDER BY e.batch_pk, e.id DESC")).all()
+    return {r[0]: str(r[1]) for r in rows}
+

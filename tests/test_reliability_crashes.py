@@ -8,11 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -207,3 +210,113 @@ def test_a_real_kill_between_effect_and_commit_is_recovered_by_the_sweeper(
     assert outcome(pg_engine, "killed") == EXPECTED
     assert rel.task_states(pg_engine)[("killed", "extract")] == ("SUCCESS", 3)
     assert rel.applied(pg_engine)[("killed", "extract")] == 2
+
+
+
+GATED_SCRIPT = """
+import sys, time
+from datetime import datetime
+from pathlib import Path
+from orchestrator import handlers
+from orchestrator.db.session import make_engine, make_sessionmaker
+from orchestrator.router import Router
+from orchestrator.testing import RecordingPublisher
+from tests.conftest import FakeClock
+url, start, payload, gate, name = sys.argv[1:6]
+
+def gated(ctx):
+    Path(gate, name + ".started").write_text("")
+    while not Path(gate, name + ".go").exists():
+        time.sleep(0.01)
+    return {"by": name, "item": ctx.input.get("item")}
+
+handlers.register("gated", gated)
+engine = make_engine(url, pool_size=2, max_overflow=0)
+router = Router(make_sessionmaker(engine), RecordingPublisher(),
+                clock=FakeClock(datetime.fromisoformat(start)))
+print(router.handle_payload(payload.encode()).outcome)
+"""
+
+
+def in_main_process(ctx: Any) -> dict[str, Any]:
+    if "items" in ctx.config:
+        return {"items": ctx.config["items"]}
+    return {"by": "main", "item": ctx.input.get("item")}
+
+
+class GatedWorker:
+    """Another worker process that runs one delivery and holds its handler open (a
+    zombie, once its attempt has been cancelled) until the test lets it finish."""
+
+    def __init__(self, gate: Path, name: str, pg_url: str, clock: FakeClock, payload: str):
+        self.gate, self.name = gate, name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", GATED_SCRIPT, pg_url, clock.now().isoformat(), payload,
+             str(gate), name], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        deadline = time.monotonic() + 60
+        while not (gate / f"{name}.started").exists():
+            assert self.proc.poll() is None, self.proc.communicate()
+            assert time.monotonic() < deadline, "the worker never reached its handler"
+            time.sleep(0.01)
+
+    def finish(self) -> str:
+        (self.gate / f"{self.name}.go").write_text("")
+        out, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        return out.strip()
+
+
+def test_a_zombie_worker_process_of_a_mapped_instance_is_fenced_after_cancel_and_retry(
+        world: World, pg_engine: Engine, pg_url: str, pg_sessions: sessionmaker[Session],
+        tmp_path: Path) -> None:
+    """A worker process is still running instance 0 of a mapped task when the operator
+    cancels the batch and retries it; the rerun expands again and another process runs
+    the new instance 0. The zombie finishing first is refused, the rerun's result is the
+    one kept, and the batch succeeds."""
+    from orchestrator import engine
+    from orchestrator.db.session import transaction
+
+    handlers.register("gated", in_main_process)
+    sync(pg_sessions, rel.pipeline("mapped", [
+        {"name": "src", "handler": "gated", "config": {"items": ["x", "y"]}},
+        {"name": "load", "handler": "gated", "depends_on": ["src"], "timeout_s": TIMEOUT_S,
+         "map_over": {"parent_output": "src.items"}},
+        {"name": "total", "handler": "gated", "depends_on": ["load"]},
+    ]), world.clock.now())
+    router, published = world.router, world.publisher
+
+    def deliver_until_instances() -> dict[int, str]:
+        """Deliver in this process until the mapped task has expanded; its instances'
+        messages by index, the one of instance 1 already delivered here too."""
+        while True:
+            batch = published.take()
+            assert batch, "nothing left to deliver"
+            instances = {int(m.data["map_index"]): json.dumps(dict(m.data))
+                         for m in batch if m.data.get("map_index") is not None}
+            if instances:
+                assert router.handle_payload(instances[1].encode()).outcome == "succeeded"
+                return instances
+            for m in batch:
+                router.handle_payload(json.dumps(dict(m.data)).encode())
+
+    router.handle_payload(b'{"type": "start_batch", "pipeline": "mapped", "batch_id": "z"}')
+    zombie = GatedWorker(tmp_path, "zombie", pg_url, world.clock,
+                         deliver_until_instances()[0])
+    now = world.clock.now()
+    transaction(pg_sessions, lambda s: engine.cancel_batch(s, "mapped", "z", now))
+    router.publish(transaction(pg_sessions, lambda s: engine.retry_batch(s, "mapped", "z", now)))
+    rerun = GatedWorker(tmp_path, "rerun", pg_url, world.clock, deliver_until_instances()[0])
+
+    assert zombie.finish() == "stale"
+    assert rerun.finish() == "succeeded"
+    published.pump(router)
+    assert rel.batch_states(pg_engine)["z"] == "SUCCESS"
+    with pg_sessions() as s:
+        load = engine.resolve_task(s, "mapped", "z", "load")
+        total = engine.resolve_task(s, "mapped", "z", "total")
+        from orchestrator.db.models import TaskLog
+
+        output = s.execute(select(TaskLog.output).where(TaskLog.id == load.log_id)).scalar_one()
+    assert output == [{"by": "rerun", "item": "x"}, {"by": "main", "item": "y"}]
+    assert total.status == "SUCCESS"

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from orchestrator import handlers
-from orchestrator.errors import InfrastructureError
+from orchestrator.errors import InfrastructureError, InvalidInput
 from orchestrator.ports import OutboundMessage
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
@@ -173,3 +173,102 @@ def test_duplicated_shuffled_concurrent_deliveries_lose_nothing_and_double_nothi
           f"messages, {bus.deliveries} deliveries ({duplicates} duplicates), "
           f"{sum(claimed.values())} claims, {sum(effects.values())} effects, "
           f"lost 0, doubled 0")
+
+
+OPERATED = 48
+OPERATING_S = 6.0
+
+
+def test_operator_retries_and_cancels_racing_the_workers_leave_every_batch_consistent(
+        pg_engine: Engine, pg_url: str, effect: rel.EffectHandler) -> None:
+    """Two operators retry and cancel batches at random while the workers run them
+    (every message delivered 1-3 times, shuffled): once all is quiet, every batch is
+    closed with the status its tasks call for and told so last, every task's status is
+    one its parents allow, and no attempt ran twice or was overwritten by a zombie."""
+    reset_process_caches()
+    rng = random.Random(20240302)
+    bus = DuplicatingBus(WORKERS, seed=11)
+    rt = Runtime(Settings(database_url=pg_url), pg_engine, bus, bus=bus)
+    specs = [rel.random_dag(rng, f"op{i}", permanent_p=0.12) for i in range(6)]
+    rt.sync_specs(specs)
+    batches = {f"o{i:03d}": specs[i % len(specs)] for i in range(OPERATED)}
+    told: dict[str, str] = {}
+    rt.on_batch_finished(lambda f: told.__setitem__(f.batch_id, str(f.status)))
+    actions: Counter[str] = Counter()
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def operator(seed: int) -> None:
+        orng = random.Random(seed)
+        while not stop.is_set():
+            # Mostly a batch still running: the races are with its workers.
+            running = [b for b, s in rel.batch_states(pg_engine).items() if s == "RUNNING"]
+            batch_id = orng.choice(running if running and orng.random() < 0.8
+                                   else sorted(batches))
+            name = batches[batch_id].name
+            try:
+                status = rt.batch_status(name, batch_id)
+                if status is None:
+                    continue
+                if status == "RUNNING" and orng.random() < 0.15:
+                    actions["cancel"] += 1 if rt.cancel(name, batch_id) else 0
+                elif rt.retry(name, batch_id):
+                    actions[f"retry while {status}"] += 1
+            except InvalidInput:
+                actions["retry refused: tasks still open"] += 1
+            except Exception as exc:  # the test fails on any
+                errors.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(orng.uniform(0, 0.004))
+
+    bus.start()
+    operators = [threading.Thread(target=operator, args=(i,), daemon=True) for i in range(2)]
+    try:
+        bus.send([{"type": "start_batch", "pipeline": spec.name, "batch_id": b}
+                  for b, spec in batches.items()])
+        for t in operators:
+            t.start()
+        time.sleep(OPERATING_S)
+        stop.set()
+        for t in operators:
+            t.join(10)
+        # Quiet down: the sweeper closes a batch whose retry left nothing to run.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rt.router.sweep()
+            states = rel.batch_states(pg_engine)
+            if all(s != "RUNNING" for s in states.values()) and bus.drain(0.05):
+                break
+            time.sleep(0.05)
+        assert bus.drain(10)
+    finally:
+        stop.set()
+        bus.stop()
+
+    assert errors == [] and bus.unhandled == []
+    tasks = rel.task_states(pg_engine)
+    batch_states = rel.batch_states(pg_engine)
+    last_event = rel.last_batch_events(pg_engine)
+    wrong = []
+    for batch_id, spec in batches.items():
+        states = {t: s for (b, t), (s, _) in tasks.items() if b == batch_id}
+        if problem := rel.batch_violation(states, batch_states[batch_id]):
+            wrong.append((batch_id, problem))
+        wrong += [(batch_id, v) for v in rel.rule_violations(spec, states)]
+        if last_event.get(batch_id) != batch_states[batch_id]:
+            wrong.append((batch_id, f"last batch event {last_event.get(batch_id)}"))
+        if batch_states[batch_id] in ("SUCCESS", "FAILED") and \
+                told.get(batch_id) != batch_states[batch_id]:
+            wrong.append((batch_id, f"finish told {told.get(batch_id)}"))
+    assert wrong == [], wrong[:10]
+
+    effects = rel.effects(pg_engine)
+    assert max(effects.values()) == 1  # no attempt's effect ran twice
+    for (b, t), (s, attempt) in tasks.items():
+        if s == "SUCCESS":  # the attempt of record is one that did its work, not a zombie
+            assert effects[(b, t, attempt)] == 1, (b, t, attempt)
+    claimed = rel.claims(pg_engine)
+    assert claimed == effect.calls and max(claimed.values()) == 1
+    assert actions["cancel"] >= 3 and actions["retry while RUNNING"] >= 3, actions
+    assert actions["retry while FAILED"] + actions["retry while CANCELLED"] >= 3, actions
+    print(f"\noperators: {dict(actions)}; {len(batches)} batches, {len(tasks)} tasks, "
+          f"{sum(claimed.values())} claims, {bus.deliveries} deliveries, wrong 0")
