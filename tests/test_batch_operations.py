@@ -23,9 +23,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import engine
+from orchestrator.db.dialect import lock_skip_locked
 from orchestrator.db.models import Batch, TaskEvent, TaskLog
 from orchestrator.db.session import make_engine, make_sessionmaker, transaction
-from orchestrator.engine import expansion
+from orchestrator.engine import expansion, locks
 from orchestrator.engine.types import Dispatch, Outcome, TaskRow
 from orchestrator.handlers.context import TaskContext
 from orchestrator.messages import RunTask
@@ -275,6 +276,30 @@ def test_retry_released_together_with_a_finishing_sibling_200_times(
         if (v := t.verdict(batch_id, queued)) != "ok":
             wrong.append((batch_id, v))
     assert wrong == [], f"{len(wrong)}/{TRIALS} wrong: {wrong[:5]}"
+
+
+def test_a_batch_locked_for_a_whole_batch_operation_never_stalls_a_workers_transition(
+        pg_sessions: sessionmaker[Session], pool: ThreadPoolExecutor) -> None:
+    """A transition's events reference the batch, and checking that reference takes a
+    share of the batch row's lock: neither the batch lock of retry, cancel and close
+    nor the sweeper's skip-locked lock of an overdue batch may block it."""
+    t = SiblingTrial(pg_sessions)
+    held_locks: dict[str, Callable[[Session, int], Any]] = {
+        "batch lock": lambda s, pk: locks.lock_batch(s, pk),
+        "sweeper's skip-locked lock": lambda s, pk: s.execute(lock_skip_locked(
+            s, select(Batch.id).where(Batch.id == pk))).all(),
+    }
+    stalled = []
+    for name, lock in held_locks.items():
+        _, b = t.prepare()
+        held = Held(pg_sessions)
+        held.run(lambda s, lock=lock, pk=b.batch_pk: lock(s, pk))
+        fut = run_until_blocked_or_done(pg_sessions, pool, t.sibling(b))
+        if not fut.done():
+            stalled.append(name)
+        held.commit()
+        assert fut.result(timeout=30).applied
+    assert stalled == []
 
 
 # -- retry racing the batch's close --------------------------------------------------

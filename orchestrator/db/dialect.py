@@ -16,8 +16,13 @@ def insert_ignore(session: Session, table: Any, index_elements: list[str]) -> An
 
 
 def lock_skip_locked(session: Session, stmt: Any) -> Any:
-    """FOR UPDATE SKIP LOCKED where the database has row locks. SQLite takes the
-    whole database for a writer (BEGIN IMMEDIATE), which gives the same guarantee."""
+    """FOR NO KEY UPDATE SKIP LOCKED where the database has row locks. SQLite takes the
+    whole database for a writer (BEGIN IMMEDIATE), which gives the same guarantee.
+
+    NO KEY UPDATE keeps every other writer out, yet lets an insert that references the
+    row check its foreign key (FOR KEY SHARE): with FOR UPDATE, a batch row locked here
+    would stall every event its workers write, and deadlock with whichever of them
+    holds a task row the locker then waits for."""
     if session.get_bind().dialect.name == "postgresql":
-        return stmt.with_for_update(skip_locked=True)
+        return stmt.with_for_update(skip_locked=True, key_share=True)
     return stmt
