@@ -9,17 +9,18 @@ for the same object finds the task no longer waiting and is a logged duplicate.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import exists, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import deadlines, engine, logs
-from orchestrator.db.models import Pipeline, Task
+from orchestrator.db.models import Batch, Pipeline, Task
 from orchestrator.db.session import transaction
 from orchestrator.dispatcher import Dispatcher, RouteResult
 from orchestrator.engine.types import Outcome
 from orchestrator.errors import InvalidInput
 from orchestrator.pipeline.spec import GcsTrigger
 from orchestrator.ports import Clock
+from orchestrator.status import BatchStatus
 from orchestrator.storage_events import StorageObject
 
 
@@ -68,17 +69,49 @@ class StorageTriggers:
 
 
 def matching_triggers(session: Session, obj: StorageObject) -> list[tuple[str, str, str]]:
-    """(pipeline, task, batch_id) for every current task whose GCS trigger matches."""
+    """(pipeline, task, batch_id) for every waiting task this object may release.
+
+    A batch keeps the pipeline version it started with, so the triggers that count
+    are those of every version that still has an open batch, each for its own
+    batches, and the current version's, which alone may start a new batch. A file
+    for a finished batch goes to the current version (its release is a duplicate).
+    """
+    older_open = exists().where(
+        Batch.pipeline_id == Task.pipeline_id, Batch.pipeline_version == Task.version,
+        Batch.status == BatchStatus.RUNNING)
     rows = session.execute(
-        select(Pipeline.name, Task.name, Task.gcs_bucket, Task.gcs_pattern)
-        .join(Task, (Task.pipeline_id == Pipeline.id) & (Task.version == Pipeline.version))
-        .where(Task.gcs_bucket == obj.bucket)
+        select(Pipeline.name, Task.name, Task.gcs_bucket, Task.gcs_pattern, Task.version,
+               Pipeline.version)
+        .join(Task, Task.pipeline_id == Pipeline.id)
+        .where(Task.gcs_bucket == obj.bucket, (Task.version == Pipeline.version) | older_open)
+        .order_by(Pipeline.name, Task.version.desc(), Task.id)
     ).all()
-    out = []
-    for pipeline, task, bucket, pattern in rows:
+    candidates = []
+    for pipeline, task, bucket, pattern, version, current in rows:
         if bucket is None or pattern is None:
             continue
         batch_id = GcsTrigger(bucket=bucket, pattern=pattern).match(obj.bucket, obj.name)
         if batch_id is not None:
+            candidates.append((pipeline, task, batch_id, version, version == current))
+    if not candidates:
+        return []
+    batches = {
+        (pipeline, batch_id): (version, status)
+        for pipeline, batch_id, version, status in session.execute(
+            select(Pipeline.name, Batch.batch_id, Batch.pipeline_version, Batch.status)
+            .join(Pipeline, Pipeline.id == Batch.pipeline_id)
+            .where(tuple_(Pipeline.name, Batch.batch_id).in_(
+                sorted({(p, b) for p, _, b, _, _ in candidates})))
+        )
+    }
+    out: list[tuple[str, str, str]] = []
+    for pipeline, task, batch_id, version, is_current in candidates:
+        found = batches.get((pipeline, batch_id))
+        if found is None:
+            keep = is_current
+        else:
+            batch_version, status = found
+            keep = batch_version == version or (is_current and status != BatchStatus.RUNNING)
+        if keep and (pipeline, task, batch_id) not in out:
             out.append((pipeline, task, batch_id))
     return out

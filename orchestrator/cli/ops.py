@@ -15,8 +15,7 @@ from typing import Any
 from sqlalchemy import select
 
 from orchestrator.cli.wiring import UsageProblem
-from orchestrator.db.models import Pipeline, Task
-from orchestrator.pipeline.spec import GcsTrigger
+from orchestrator.db.models import Task
 from orchestrator.storage_events import StorageObject
 
 
@@ -81,25 +80,21 @@ def local_object(rt: Any, bucket: str, name: str) -> StorageObject:
 
 
 def matching_batches(rt: Any, bucket: str, name: str) -> list[tuple[str, str]]:
-    """(pipeline, batch_id) of every current trigger that this object fires."""
+    """(pipeline, batch_id) of every batch this object's triggers concern: those of the
+    current versions, and those of older versions that still have open batches."""
+    from orchestrator.triggers import matching_triggers
+
     with rt.sessions() as s:
-        rows = s.execute(
-            select(Pipeline.name, Task.gcs_bucket, Task.gcs_pattern)
-            .join(Pipeline, (Pipeline.id == Task.pipeline_id) & (Pipeline.version == Task.version))
-            .where(Task.gcs_bucket == bucket)
-        ).all()
-    found = []
-    for pipeline, b, pattern in rows:
-        batch_id = GcsTrigger(bucket=b, pattern=pattern).match(bucket, name)
-        if batch_id is not None and (pipeline, batch_id) not in found:
-            found.append((pipeline, batch_id))
-    return found
+        matches = matching_triggers(s, local_object(rt, bucket, name))
+    return list(dict.fromkeys((pipeline, batch_id) for pipeline, _, batch_id in matches))
 
 
 def fire(rt: Any, bucket: str, name: str) -> Dropped:
     obj = local_object(rt, bucket, name)
+    # Before the event: a batch that this very file completes no longer has it waiting.
+    batches = matching_batches(rt, bucket, name)
     result = rt.router.object_finalized(obj)
-    return Dropped(obj.uri, result.outcome, matching_batches(rt, bucket, name))
+    return Dropped(obj.uri, result.outcome, batches)
 
 
 def drop(rt: Any, source: Path, uri: str) -> Dropped:
