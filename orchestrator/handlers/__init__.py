@@ -7,7 +7,6 @@ BigQuery or pyarrow at cold start.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -49,12 +48,13 @@ def resolve(name: str) -> Callable[..., Any]:
 
 
 def load_callable(path: str) -> Callable[..., Any]:
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{path!r} is not of the form 'module:function'")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{path!r} is not callable")
-    return obj
+    """`module:function`; a module that cannot be imported raises `usercode.ImportFailed`
+    (a `PermanentError` naming the file and line)."""
+    from orchestrator import usercode
+
+    return usercode.load_callable(path)
+
+
+def clear_cache() -> None:
+    """Forget resolved handlers (after user modules were reloaded)."""
+    _cache.clear()

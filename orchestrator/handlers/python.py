@@ -40,7 +40,9 @@ def run(ctx: TaskContext) -> dict[str, Any] | None:
         raise PermanentError(f"python: 'callable' must be 'module:function', got {target!r}")
     try:
         fn = handlers.load_callable(target)
-    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+    except (PermanentError, ValueError) as exc:
+        # Whatever stops the module from loading (a SyntaxError as much as an
+        # ImportError) will stop it on every retry: fail now, saying where.
         raise PermanentError(f"python: cannot load {target!r}: {exc}") from exc
     output = fn(ctx, **dict(ctx.config.get("kwargs") or {}))
     if output is not None and not isinstance(output, dict):
