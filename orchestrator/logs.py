@@ -48,12 +48,24 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+# Whether the lines a task prints and logs are echoed here as well as kept with its
+# attempt: always as JSON (Cloud Logging keeps them, labelled); as text, only when
+# the orchestrator's own INFO lines are shown (`-v`), so they never mix into a
+# command's output otherwise.
+_echo_task_lines = False
+
+
 def configure(fmt: str = "text", level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stdout if fmt == "json" else sys.stderr)
+    global _echo_task_lines
+    from orchestrator.capture import real_stream
+
+    # The real stream, not a capture's stand-in: these lines are never a task's.
+    handler = logging.StreamHandler(real_stream(sys.stdout if fmt == "json" else sys.stderr))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = fmt != "json"
+    _echo_task_lines = fmt == "json" or level <= logging.INFO
 
 
 def emit(level: int, message: str, **fields: Any) -> None:
@@ -70,3 +82,26 @@ def warning(message: str, **fields: Any) -> None:
 
 def error(message: str, **fields: Any) -> None:
     emit(logging.ERROR, message, **fields)
+
+
+_STREAM_LEVELS = {"stdout": logging.INFO, "stderr": logging.WARNING}
+
+
+def task_line(entry: dict[str, Any], **labels: Any) -> None:
+    """One line a task printed or logged, echoed with its attempt's labels (pipeline,
+    batch_id, task, attempt), so Cloud Logging can filter a task's lines by attempt."""
+    if not _echo_task_lines:
+        return
+    level = logging.getLevelName(entry.get("level") or "") if entry.get("level") else None
+    if not isinstance(level, int):
+        level = _STREAM_LEVELS.get(entry.get("stream", ""), logging.INFO)
+    fields = {**labels, "stream": entry.get("stream")}
+    if entry.get("logger"):
+        fields["task_logger"] = entry["logger"]
+    record = log.makeRecord(log.name, level, "(task)", 0, entry.get("line", ""), (), None,
+                            extra={"fields": fields})
+    # Straight to this logger's handlers: a propagated copy would reach the root
+    # logger, where the capture would take it for a new line of the task.
+    for handler in log.handlers:
+        if level >= handler.level:
+            handler.handle(record)

@@ -61,6 +61,7 @@ class Router:
         continuation_s: float = 30.0,
         alert_sinks: Mapping[str, AlertSink] | None = None,
         alert_events: Iterable[str] = DEFAULT_EVENTS,
+        attempt_log_bytes: int | None = None,
     ):
         self.sessions = sessions
         self.clock = clock or SystemClock()
@@ -71,7 +72,9 @@ class Router:
                              warehouse_factory=warehouse_factory,
                              object_store_factory=object_store_factory,
                              default_concurrency=default_concurrency,
-                             continuation_s=continuation_s)
+                             continuation_s=continuation_s,
+                             **({"attempt_log_bytes": attempt_log_bytes}
+                                if attempt_log_bytes is not None else {}))
         self.front = DeliveryFront(sessions, self.dispatcher, self.worker, self.clock)
         self.triggers = StorageTriggers(sessions, self.dispatcher, self.clock)
         self.alerts = Alerts(sessions, self.clock, sinks=alert_sinks,

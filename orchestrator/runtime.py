@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import engine as eng
-from orchestrator import logs
+from orchestrator import logs, usercode
 from orchestrator.db import migrate
 from orchestrator.db.models import Batch, Pipeline
 from orchestrator.db.session import make_engine, make_sessionmaker, transaction
@@ -48,6 +48,11 @@ class _Lazy:
             with self._lock:
                 if self._value is None:
                     self._value = self._build()
+        return self._value
+
+    @property
+    def built(self) -> Any:
+        """The adapter, if it was ever asked for."""
         return self._value
 
 
@@ -126,7 +131,11 @@ class Runtime:
             continuation_s=settings.continuation_s,
             alert_sinks=alert_sinks if alert_sinks is not None else make_alert_sinks(settings),
             alert_events=parse_alert_events(settings.alert_events),
+            attempt_log_bytes=settings.attempt_log_bytes,
         )
+        # The pipelines folder ships with the pipelines (and their Python modules):
+        # `callable: "mytasks:run"` imports mytasks.py from there, here and in the cloud.
+        usercode.add_path(settings.pipelines_dir)
         if bus is not None:
             bus.attach(self._route)
         self._sweeper: threading.Thread | None = None
@@ -291,6 +300,11 @@ class Runtime:
             self._sweeper.join(5)
         if self.bus is not None:
             self.bus.stop()
+        # A warehouse file (DuckDB) admits one writer: let the next command open it (a
+        # job that an abandoned handler still runs keeps it; the process exit ends it).
+        built = getattr(self.warehouse, "built", None)
+        if built is not None and hasattr(built, "close"):
+            built.close(timeout=2.0)
         self.db.dispose()
 
     def __enter__(self) -> Runtime:

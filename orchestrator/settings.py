@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     # A worker that finishes a task runs one of the children it just queued itself,
     # for up to this long per delivery (0 turns it off): no publish, no second hop.
     continuation_s: float = Field(default=30.0, json_schema_extra=cloud(DEFAULT))
+    # What one attempt's log keeps of its prints and log lines: the first and the last
+    # lines up to this many bytes, with a marker of what was left out between.
+    attempt_log_bytes: int = Field(default=64 * 1024, ge=1024, json_schema_extra=cloud(DEFAULT))
 
     # Alerts go to the `alerts` Pub/Sub topic (cloud) and to a webhook that takes a
     # Slack-compatible message; its URL is a credential (mounted from Secret Manager

@@ -27,7 +27,7 @@ from orchestrator.alerts import Alerts
 from orchestrator.db.session import transaction
 from orchestrator.deadlines import Deadlines
 from orchestrator.dispatcher import Dispatcher
-from orchestrator.engine import maintenance
+from orchestrator.engine import attempts, maintenance
 from orchestrator.engine.types import Outcome, TaskRow
 from orchestrator.errors import InfrastructureError
 from orchestrator.ports import Clock
@@ -122,15 +122,20 @@ class Sweeper:
             for batch_pk, task_id, attempt, map_index in maintenance.expired_leases(s, now):
                 row = engine.lookup.resolve_task_by_id(s, batch_pk, task_id, map_index)
                 delay = row.retry_delay(attempt)
-                outcome = engine.fail(s, row, attempt,
-                                      f"lease expired: no result within {row.timeout_s:g}s",
-                                      now, retry_delay_s=delay)
+                # A live worker reports its own timeout; past the lease's grace, the
+                # worker is gone (a crash, a killed instance) or stuck outside Python.
+                error = (f"timed out after {row.timeout_s:g}s: no result from its worker, "
+                         "which stopped or was lost")
+                outcome = engine.fail(s, row, attempt, error, now, retry_delay_s=delay)
+                if outcome.applied:
+                    attempts.close_lost(s, row, attempt,
+                                        "ERROR" if delay is None else "RETRYING", error, now)
                 done.append((outcome, row))
             return done
 
         results = transaction(self.sessions, expire)
         for outcome, row in results:
-            logs.warning("lease expired", pipeline=row.pipeline, batch_id=row.batch_id,
-                         task=row.task)
+            logs.warning("timed out: no result from its worker (lease expired)",
+                         pipeline=row.pipeline, batch_id=row.batch_id, task=row.task)
             self.dispatcher.after(outcome, row)
         return len(results)

@@ -16,26 +16,34 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator import engine, failpoints, handlers, logs, mapping
+from orchestrator import capture, engine, execution, failpoints, handlers, logs, mapping
 from orchestrator.db.models import TaskLog
 from orchestrator.db.session import is_infrastructure, transaction
 from orchestrator.db.types import json_problem
 from orchestrator.dispatcher import Dispatcher, RouteResult
-from orchestrator.engine import breaker, concurrency, expansion
+from orchestrator.engine import attempts, breaker, concurrency, expansion
 from orchestrator.engine.types import Claimed, Outcome, TaskRow
 from orchestrator.errors import PermanentError
 from orchestrator.handlers.context import TaskContext
 from orchestrator.messages import RunTask, log_labels
 from orchestrator.ports import Clock, ObjectStore, Warehouse
 from orchestrator.status import TaskStatus
+
+# Which process ran an attempt (a function instance, in the cloud).
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Worker:
@@ -49,8 +57,11 @@ class Worker:
         object_store_factory: Callable[[], ObjectStore] | None = None,
         default_concurrency: int | None = None,
         continuation_s: float = 30.0,
+        attempt_log_bytes: int = capture.DEFAULT_LIMIT_BYTES,
     ):
         self.sessions = sessions
+        # The bound on what one attempt's log keeps (its first and last lines).
+        self.attempt_log_bytes = attempt_log_bytes
         self.dispatcher = dispatcher
         self.clock = clock
         self.warehouse_factory = warehouse_factory
@@ -162,23 +173,26 @@ class Worker:
         if row.map_over is not None and row.map_index < 0:
             return self._expand(claimed, labels), None
         started = time.perf_counter()
+        began = self.clock.now()
+        log = capture.AttemptLog(self.attempt_log_bytes, echo=self._echo(labels))
+        # Set once the watchdog's verdict on an abandoned attempt is recorded.
+        recorded = threading.Event()
         try:
-            output = self._run_handler(claimed)
-        except PermanentError as exc:
-            self._breaker_record(policy, ok=False)
-            return self._fail(row, attempt, f"{type(exc).__name__}: {exc}", None, labels), None
-        except Exception as exc:  # an unknown failure goes through the retry policy
-            self._breaker_record(policy, ok=False)
-            logs.emit(logging.WARNING, f"attempt failed: {type(exc).__name__}: {exc}",
-                      outcome="failed", **labels)
-            return self._fail(row, attempt, f"{type(exc).__name__}: {exc}",
-                              row.retry_delay(attempt), labels), None
+            output = self._run_handler(claimed, log, began, policy, labels, recorded)
+        except execution.Abandoned as late:
+            return self._late(row, attempt, began, log, late, recorded), None
+        except Exception as exc:  # PermanentError fails now; the rest is retried
+            return self._failed(row, attempt, began, log, exc, policy, labels), None
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._breaker_record(policy, ok=True)
         done = self.clock.now()
+        record = self._record(began, log, None)
 
         def commit_success(s: Session) -> tuple[Outcome, Claimed | None]:
             outcome = engine.succeed(s, row, attempt, output, done)
+            attempts.finish(s, row, attempt, replace(
+                record, outcome="SUCCESS" if outcome.applied else attempts.DISCARDED,
+                finished_at=done), done)
             known = {row.task_id: (output, TaskStatus.SUCCESS)} if row.map_index < 0 else {}
             nxt = (self._continue_with(s, outcome, done, known)
                    if outcome.applied and may_continue else None)
@@ -214,21 +228,52 @@ class Worker:
                 return claimed
         return None
 
-    def _run_handler(self, claimed: Claimed) -> dict[str, Any] | None:
+    def _run_handler(self, claimed: Claimed, log: capture.AttemptLog, began: datetime,
+                     policy: breaker.Policy | RouteResult | None, labels: dict[str, Any],
+                     recorded: threading.Event) -> dict[str, Any] | None:
         row = claimed.row
+        attempt = claimed.attempt
         try:
             fn = handlers.resolve(row.handler)
-        except (KeyError, ImportError, AttributeError, ValueError, TypeError) as exc:
+        except (KeyError, PermanentError, ValueError) as exc:
             raise PermanentError(f"handler {row.handler!r} cannot be loaded: {exc}") from exc
+        # Set when the watchdog gives the attempt up (timeout, or fenced off).
+        stop = threading.Event()
         ctx = TaskContext(
             pipeline=row.pipeline, batch_id=row.batch_id, task=row.task,
-            attempt=claimed.attempt, config=row.config, input=claimed.input,
-            deadline=claimed.lease_expires_at, warehouse_factory=self.warehouse_factory,
+            attempt=attempt, config=row.config, input=claimed.input,
+            deadline=began + timedelta(seconds=row.timeout_s),
+            warehouse_factory=self.warehouse_factory,
             object_store_factory=self.object_store_factory, clock=self.clock,
-            active=lambda: self._still_running(row.log_id, claimed.attempt),
+            active=lambda: not stop.is_set() and self._still_running(row.log_id, attempt),
         )
         failpoints.hit("in_handler")
-        output = fn(ctx)
+        saved = [log.version]
+
+        def watch() -> bool:
+            # Now and then while a long handler runs: save what it logged so far (for
+            # `logs --follow`), and give up if the attempt no longer holds the task.
+            if log.version != saved[0]:
+                saved[0] = log.version
+                self._save_log(row, attempt, began, log, attempts.RUNNING)
+            return self._still_running(row.log_id, attempt)
+
+        def abandon(reason: BaseException) -> None:
+            try:
+                if isinstance(reason, execution.TimedOut):
+                    self._failed(row, attempt, began, log, reason, policy, labels)
+                else:
+                    self._save_log(row, attempt, began, log, attempts.DISCARDED, closed=True)
+                    logs.warning("stopped waiting for the handler: the task is no longer "
+                                 "RUNNING under this attempt (cancelled, or moved on)",
+                                 outcome="stale", **labels)
+            except Exception as exc:  # the sweeper's lease expiry is the safety net
+                logs.error(f"could not record the abandoned attempt: {exc}", **labels)
+            finally:
+                recorded.set()
+
+        output = execution.run_handler(fn, ctx, log, timeout_s=row.timeout_s, watch=watch,
+                                       on_abandon=abandon, stop=stop)
         if output is None:
             return None
         if not isinstance(output, dict):
@@ -240,6 +285,61 @@ class Worker:
         if (problem := json_problem(stored, "output")) is not None:
             raise PermanentError(f"handler output cannot be stored: {problem}")
         return stored
+
+    # -- the attempt's record ------------------------------------------------------------
+
+    def _failed(self, row: TaskRow, attempt: int, began: datetime, log: capture.AttemptLog,
+                exc: BaseException, policy: breaker.Policy | RouteResult | None,
+                labels: dict[str, Any]) -> RouteResult:
+        """The handler raised (or timed out): ERROR now, or through the retry policy."""
+        failure = execution.describe(exc)
+        self._breaker_record(policy, ok=False)
+        delay = None if failure.permanent else row.retry_delay(attempt)
+        if not failure.permanent:
+            logs.emit(logging.WARNING, f"attempt failed: {failure.error}", outcome="failed",
+                      **labels)
+        return self._fail(row, attempt, failure.error, delay, labels,
+                          record=self._record(began, log, failure))
+
+    def _late(self, row: TaskRow, attempt: int, began: datetime, log: capture.AttemptLog,
+              late: execution.Abandoned, recorded: threading.Event) -> RouteResult:
+        """An abandoned handler returned at last: a note on its attempt, nothing else."""
+        recorded.wait(30)
+        what = (f"raised {type(late.error).__name__}: {late.error}" if late.error is not None
+                else "returned")
+        log.add("orchestrator", f"the handler {what} after {late.late_s:.1f} s, once its "
+                                f"attempt had been given up ({late.reason}); this result was "
+                                "discarded")
+        self._save_log(row, attempt, began, log, attempts.DISCARDED)
+        return RouteResult("stale", f"handler returned after it was given up ({late.reason})")
+
+    def _echo(self, labels: dict[str, Any]) -> Any:
+        fields = {k: labels[k] for k in ("pipeline", "batch_id", "task", "attempt")
+                  if k in labels}
+        return lambda entry: logs.task_line(entry, **fields)
+
+    def _record(self, began: datetime, log: capture.AttemptLog,
+                failure: execution.Failure | None) -> attempts.AttemptRecord:
+        return attempts.AttemptRecord(
+            started_at=began, finished_at=self.clock.now(),
+            error=failure.error if failure else None,
+            traceback=failure.traceback if failure else None,
+            log=log.entries(), log_dropped=log.dropped, worker=WORKER_ID)
+
+    def _save_log(self, row: TaskRow, attempt: int, began: datetime, log: capture.AttemptLog,
+                  outcome: str, *, closed: bool = False) -> None:
+        """The attempt's log so far (its outcome, if it has one, stays); `closed` ends a
+        RUNNING attempt with this outcome."""
+        now = self.clock.now()
+        rec = attempts.AttemptRecord(started_at=began, outcome=outcome, log=log.entries(),
+                                     log_dropped=log.dropped, worker=WORKER_ID,
+                                     finished_at=now if closed else None)
+        save = attempts.close_running if closed else attempts.save_log
+        try:
+            transaction(self.sessions, lambda s: save(s, row, attempt, rec, now))
+        except Exception as exc:  # the log is a courtesy: never fail the attempt over it
+            logs.warning(f"could not save the attempt's log: {exc}", pipeline=row.pipeline,
+                         batch_id=row.batch_id, task=row.display_name, attempt=attempt)
 
     def _breaker_gate(self, msg: RunTask, now: Any) -> breaker.Policy | RouteResult | None:
         """The task's circuit breaker (None: it has none), or a `deferred` result when
@@ -280,10 +380,19 @@ class Worker:
         return status == TaskStatus.RUNNING
 
     def _fail(self, row: TaskRow, attempt: int, error: str, delay: float | None,
-              labels: dict[str, Any]) -> RouteResult:
+              labels: dict[str, Any], *, record: attempts.AttemptRecord | None = None,
+              ) -> RouteResult:
         now = self.clock.now()
-        outcome = transaction(self.sessions, lambda s: engine.fail(
-            s, row, attempt, error, now, retry_delay_s=delay))
+
+        def commit_failure(s: Session) -> Outcome:
+            outcome = engine.fail(s, row, attempt, error, now, retry_delay_s=delay)
+            if record is not None:
+                ended = ("ERROR" if delay is None else "RETRYING") if outcome.applied \
+                    else attempts.DISCARDED
+                attempts.finish(s, row, attempt, replace(record, outcome=ended), now)
+            return outcome
+
+        outcome = transaction(self.sessions, commit_failure)
         if not outcome.applied:
             logs.warning(f"failure discarded: {outcome.reason}", outcome="stale", **labels)
             return RouteResult("stale", outcome.reason)

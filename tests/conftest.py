@@ -31,7 +31,7 @@ def _admin_url() -> str:
 
 ADMIN_URL = _admin_url()
 TABLES = (
-    "task_events, task_log, batches, task_dependencies, tasks, pipelines, "
+    "task_attempts, task_events, task_log, batches, task_dependencies, tasks, pipelines, "
     "concurrency_locks, circuit_breakers, event_cursors"
 )
 

@@ -26,6 +26,7 @@ from orchestrator.engine import (
     start_batch,
     succeed,
 )
+from orchestrator.engine.transitions import lease_for
 from orchestrator.engine.types import TaskRow
 from orchestrator.errors import InvalidInput, NotFound
 from orchestrator.status import BatchStatus, TaskStatus
@@ -418,4 +419,6 @@ def test_claim_hands_the_task_its_parents_outputs_and_params(chain: Any, clock: 
     assert got.input["params"] == {"month": "2024-03"}
     assert got.input["parents"] == {"a": {"task": "a"}}
     assert got.input["parent_status"] == {"a": "SUCCESS"}
-    assert got.lease_expires_at == clock.now() + timedelta(seconds=b.timeout_s)
+    # The lease outlasts the timeout (the worker reports a timeout itself) by a grace.
+    assert got.lease_expires_at == clock.now() + lease_for(b.timeout_s)
+    assert lease_for(b.timeout_s) > timedelta(seconds=b.timeout_s)

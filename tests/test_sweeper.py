@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.db.models import Batch, Task, TaskLog
+from orchestrator.db.models import Batch, Task, TaskAttempt, TaskLog
 from orchestrator.db.session import make_engine, make_sessionmaker, transaction
 from orchestrator.engine import claim, maintenance, resolve_task
 from orchestrator.messages import StartBatch
@@ -145,18 +145,24 @@ def test_a_sweeper_skips_rows_another_pass_holds_instead_of_waiting(
 
 def test_an_expired_lease_goes_to_retry_when_attempts_remain(
         router: Router, published: RecordingPublisher, clock: FakeClock) -> None:
-    """A worker that died mid-attempt: RUNNING past its lease -> RETRYING, then attempt 2."""
+    """A worker that died mid-attempt: RUNNING past its lease (its 30 s timeout and a
+    3 s grace, in which a live worker reports the timeout itself) -> RETRYING, with
+    the attempt closed as timed out, then attempt 2."""
     spec = spec_from_edges("l", {"t": []},
                            t={"timeout_s": 30, "retry": {"max_attempts": 2, "initial_delay_s": 5}})
     sync(router.sessions, spec, clock.now())
     start_lost(router, "l")
     transaction(router.sessions, lambda s: claim(s, resolve_task(s, "l", "b1", "t"), 1,
                                                  clock.now()))
-    clock.advance(29)
+    clock.advance(32)
     assert router.sweep().expired == 0
     clock.advance(2)
     assert router.sweep().expired == 1
     assert statuses(router.sessions) == {"t": "RETRYING"}
+    with router.sessions() as s:
+        attempt = s.execute(select(TaskAttempt)).scalar_one()
+    assert (attempt.attempt, attempt.outcome) == (1, "RETRYING")
+    assert attempt.error is not None and attempt.error.startswith("timed out after 30s")
     clock.advance(5)
     assert router.sweep().requeued == 1
     assert published.tasks() == [("l", "b1", "t", 2)]
@@ -173,7 +179,7 @@ def test_an_expired_lease_without_attempts_left_is_an_error(
     start_lost(router, "l1")
     transaction(router.sessions, lambda s: claim(s, resolve_task(s, "l1", "b1", "t"), 1,
                                                  clock.now()))
-    clock.advance(31)
+    clock.advance(34)
     report = router.sweep()
     assert report.expired == 1
     assert statuses(router.sessions) == {"t": "ERROR", "c": "UPSTREAM_FAILED"}

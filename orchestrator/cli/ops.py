@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 
 from orchestrator.cli.wiring import UsageProblem
-from orchestrator.db.models import Task
+from orchestrator.db.models import Pipeline, Task
 from orchestrator.storage_events import StorageObject
 
 

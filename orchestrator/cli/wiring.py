@@ -167,6 +167,18 @@ def busy_counts(session: Session, batch_pks: Iterable[int]) -> dict[int, int]:
     return {pk: n for pk, n in rows}
 
 
+def _open_batches(session: Session, batch_pks: Iterable[int]) -> int:
+    from orchestrator.db.models import Batch
+
+    pks = list(batch_pks)
+    if not pks:
+        return 0
+    return int(session.execute(
+        select(func.count()).select_from(Batch)
+        .where(Batch.id.in_(pks), Batch.status == "RUNNING")
+    ).scalar_one())
+
+
 def batch_pk(rt: Any, pipeline: str, batch_id: str) -> int:
     from orchestrator.engine import find_batch
 
@@ -177,7 +189,10 @@ def batch_pk(rt: Any, pipeline: str, batch_id: str) -> int:
 def settle(rt: Any, batch_pks: Iterable[int], timeout_s: float) -> bool:
     """Run the embedded bus (and the sweeper, for retries and lost messages) until none
     of the batches has a task queued, running or retrying. Tasks waiting for a file
-    or a parent that waits for one do not count. False on timeout."""
+    or a parent that waits for one do not count. False on timeout.
+
+    A decided batch needs nothing more: a handler its worker stopped waiting for (a
+    timeout, a cancellation) may still run on, but its result can change nothing."""
     pks = set(batch_pks)
     deadline = time.monotonic() + timeout_s
     last_sweep = time.monotonic()
@@ -186,7 +201,8 @@ def settle(rt: Any, batch_pks: Iterable[int], timeout_s: float) -> bool:
             rt.bus.drain(timeout=0.2)
         with rt.sessions() as s:
             busy = busy_counts(s, pks)
-        if rt.bus is None or (not busy and rt.bus.idle()):
+            decided = not busy and not _open_batches(s, pks)
+        if rt.bus is None or (not busy and (decided or rt.bus.idle())):
             return not busy
         if time.monotonic() >= deadline:
             return False

@@ -26,3 +26,14 @@ def lock_skip_locked(session: Session, stmt: Any) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return stmt.with_for_update(skip_locked=True, key_share=True)
     return stmt
+
+
+def upsert(session: Session, table: Any, index_elements: list[str], values: dict[str, Any],
+           update: list[str], where: Any = None) -> Any:
+    """INSERT … ON CONFLICT (cols) DO UPDATE SET the `update` columns [WHERE …], on both
+    stores."""
+    name = session.get_bind().dialect.name
+    mod = postgresql if name == "postgresql" else sqlite
+    stmt = mod.insert(table).values(**values)
+    return stmt.on_conflict_do_update(index_elements=index_elements,
+                                      set_={c: stmt.excluded[c] for c in update}, where=where)

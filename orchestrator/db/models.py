@@ -228,9 +228,47 @@ class TaskEvent(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
+class TaskAttempt(Base):
+    """One row per attempt that ran a handler: what the worker saw of it.
+
+    Written by the worker that ran it (while it runs, now and then, and in the same
+    transaction as its result), or by the sweeper when that worker went silent. The
+    task log keeps the task's state; this keeps each attempt's story: its outcome,
+    its error with a traceback, and what it logged and printed (bounded in size).
+    """
+
+    __tablename__ = "task_attempts"
+    __table_args__ = (
+        UniqueConstraint("batch_pk", "task_id", "map_index", "attempt",
+                         name="uq_task_attempts_batch_task_map_attempt"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    batch_pk: Mapped[int] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    map_index: Mapped[int] = mapped_column(Integer, default=-1, server_default=text("-1"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    # RUNNING, then what the attempt's end did to the task (SUCCESS, RETRYING, ERROR),
+    # or DISCARDED: its result came after the attempt had been fenced off.
+    outcome: Mapped[str] = mapped_column(String(20))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The one-line error (as in task_log) and the formatted traceback, both bounded.
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    # [{"at": ISO time, "stream": "stdout"|"stderr"|"log", "level", "logger", "line"}]:
+    # the first and the last lines when there were too many, `log_dropped` between.
+    log: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
+    log_dropped: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # Which process ran it: host and pid (a function instance in the cloud).
+    worker: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 # The Core tables, typed as such, for the hot statements that skip the ORM.
 task_log_table = cast(Table, TaskLog.__table__)
 task_events_table = cast(Table, TaskEvent.__table__)
+task_attempts_table = cast(Table, TaskAttempt.__table__)
 
 
 class ConcurrencyLock(Base):

@@ -79,13 +79,20 @@ def _dispatch(row: TaskRow, attempt: int) -> list[Dispatch]:
     return [Dispatch(row.pipeline, row.batch_id, row.task, attempt, row.map_index)]
 
 
+def lease_for(timeout_s: float) -> timedelta:
+    """How long a claim holds its task: the timeout, which the worker enforces itself,
+    and a grace, so that only a worker that is gone (not one reporting its timeout)
+    is failed by the sweeper."""
+    return timedelta(seconds=timeout_s + min(60.0, max(2.0, timeout_s / 10)))
+
+
 def claim(session: Session, row: TaskRow, attempt: int, now: datetime,
           *, default_concurrency: int | None = None,
           known_parents: dict[int, tuple[Any, Any]] | None = None) -> Claimed | None:
     """QUEUED -> RUNNING for exactly one delivery of `attempt`; None for the others, and
     for a claim that finds no free slot under the task's concurrency limits (the check
     is part of the same guarded UPDATE, under the limits' locks)."""
-    lease = now + timedelta(seconds=row.timeout_s)
+    lease = now + lease_for(row.timeout_s)
     limits = concurrency.limits(row, default_concurrency)
     if limits:
         concurrency.lock(session, [lim.key for lim in limits])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +29,8 @@ class TaskContext:
     warehouse_factory: Callable[[], Warehouse] | None = None
     object_store_factory: Callable[[], ObjectStore] | None = None
     clock: Clock = field(default_factory=SystemClock)
-    # False once the batch is cancelled, the lease expired or the timeout passed.
+    # False once the batch is cancelled, the timeout passed, or the worker stopped
+    # waiting for this attempt.
     active: Callable[[], bool] = _always_active
     base_dir: Path | None = None
 
@@ -55,6 +57,14 @@ class TaskContext:
         if self.object_store_factory is None:
             raise RuntimeError("no object store configured for this runtime")
         return self.object_store_factory()
+
+    @property
+    def log(self) -> logging.Logger:
+        """A logger whose lines (INFO and above) are kept with this attempt: see
+        `orchestrator logs BATCH TASK`, and Cloud Logging, labelled, in the cloud."""
+        from orchestrator.capture import task_logger
+
+        return task_logger(self.task)
 
     def is_active(self) -> bool:
         return self.clock.now() < self.deadline and self.active()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from orchestrator import logs
+from orchestrator import execution, logs
 from orchestrator.errors import InfrastructureError
 from orchestrator.ports import OutboundMessage
 
@@ -33,8 +33,12 @@ class InProcessBus:
         self._seq = itertools.count()
         self._inflight = 0
         self._threads: list[threading.Thread] = []
+        # Workers whose handler was given up (a timeout): replaced at once, and left to
+        # end on their own; nothing waits for them.
+        self._retired: set[int] = set()
         self._stopping = False
         self.published = 0
+        execution.add_abandon_listener(self._abandoned)
 
     def attach(self, handler: Callable[[dict[str, Any]], Any]) -> None:
         self._handler = handler
@@ -54,17 +58,37 @@ class InProcessBus:
         if self._threads:
             return
         self._stopping = False
-        for i in range(self.workers):
-            t = threading.Thread(target=self._work, name=f"orchestrator-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        for _ in range(self.workers):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._work, name=f"orchestrator-worker-{next(self._seq)}",
+                             daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _abandoned(self, ident: int) -> None:
+        """A worker's handler was given up: its message no longer counts as in flight,
+        and a new worker takes its place."""
+        with self._cv:
+            mine = [t for t in self._threads if t.ident == ident]
+            if not mine:
+                return
+            self._threads.remove(mine[0])
+            self._retired.add(ident)
+            self._inflight -= 1
+            if not self._stopping:
+                self._spawn()
+            self._cv.notify_all()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the workers, waiting at most `timeout` in all for the messages in hand."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
 
     def idle(self) -> bool:
@@ -98,8 +122,14 @@ class InProcessBus:
                 self._deliver(data, tries)
             finally:
                 with self._cv:
-                    self._inflight -= 1
-                    self._cv.notify_all()
+                    retired = threading.get_ident() in self._retired
+                    if retired:
+                        self._retired.discard(threading.get_ident())
+                    else:
+                        self._inflight -= 1
+                        self._cv.notify_all()
+            if retired:
+                return
 
     def _deliver(self, data: dict[str, Any], tries: int) -> None:
         assert self._handler is not None, "bus has no handler attached"
