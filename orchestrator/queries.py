@@ -36,6 +36,7 @@ field is only ever added within a version, never renamed or removed)::
 from __future__ import annotations
 
 import heapq
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -43,7 +44,15 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskEvent, TaskLog
+from orchestrator.db.models import (
+    Batch,
+    Pipeline,
+    Task,
+    TaskAttempt,
+    TaskDependency,
+    TaskEvent,
+    TaskLog,
+)
 from orchestrator.errors import InvalidInput, NotFound
 from orchestrator.pipeline import versions
 from orchestrator.pipeline.timing import local_clock
@@ -276,6 +285,91 @@ def batch_events(session: Session, batch_id: str, pipeline: str | None = None) -
 def _instance_name(task: str | None, detail: dict[str, Any] | None) -> str | None:
     index = (detail or {}).get("map_index")
     return f"{task}[{index}]" if task is not None and isinstance(index, int) else task
+
+
+# -- one task: its attempts, its output -------------------------------------------------
+
+ATTEMPTS_SCHEMA = "orchestrator.task_attempts/v1"
+_INSTANCE = re.compile(r"^(?P<task>.+)\[(?P<index>\d+)\]$")
+
+
+def split_instance(task: str) -> tuple[str, int]:
+    """`per_region[3]` -> ("per_region", 3); a plain name -> (name, -1)."""
+    m = _INSTANCE.match(task)
+    return (m["task"], int(m["index"])) if m else (task, -1)
+
+
+def _task_log_row(session: Session, batch_id: str, task: str,
+                  pipeline: str | None) -> tuple[Batch, str, Any, int]:
+    batch, pipeline_name = _find_batch(session, batch_id, pipeline)
+    name, index = split_instance(task)
+    row = session.execute(
+        select(Task.id, Task.name, Task.max_attempts, TaskLog.status, TaskLog.attempt,
+               TaskLog.retry_base, TaskLog.output, TaskLog.error, TaskLog.finished_at)
+        .join(TaskLog, (TaskLog.task_id == Task.id) & (TaskLog.batch_pk == batch.id)
+              & (TaskLog.map_index == index))
+        .where(Task.pipeline_id == batch.pipeline_id, Task.version == batch.pipeline_version,
+               Task.name == name)
+    ).first()
+    if row is None:
+        raise NotFound(f"no task {task!r} in batch {batch_id!r} of pipeline {pipeline_name!r}")
+    return batch, pipeline_name, row, index
+
+
+def task_attempts(session: Session, batch_id: str, task: str, pipeline: str | None = None,
+                  attempt: int | None = None) -> dict[str, Any]:
+    """Every attempt of one task (or one mapped instance, `task[3]`) that ran, oldest
+    first: outcome, times, error, traceback, and the lines it printed and logged::
+
+        {"schema": "orchestrator.task_attempts/v1", "pipeline", "batch_id", "task",
+         "status", "attempt", "max_attempts",           # the task, now
+         "attempts": [{"attempt", "outcome",             # RUNNING, SUCCESS, RETRYING,
+                                                         # ERROR or DISCARDED
+                       "started_at", "finished_at", "duration_s", "error", "traceback",
+                       "log": [{"at", "stream", "line", "level"?, "logger"?}],
+                       "log_dropped", "worker"}]}
+
+    `log` holds the first and last lines when there were too many; `log_dropped`
+    says how many were left out between them (a marker line stands in their place).
+    """
+    batch, pipeline_name, row, index = _task_log_row(session, batch_id, task, pipeline)
+    stmt = (select(TaskAttempt)
+            .where(TaskAttempt.batch_pk == batch.id, TaskAttempt.task_id == row.id,
+                   TaskAttempt.map_index == index)
+            .order_by(TaskAttempt.attempt))
+    if attempt is not None:
+        stmt = stmt.where(TaskAttempt.attempt == attempt)
+    attempts = [{
+        "attempt": a.attempt,
+        "outcome": a.outcome,
+        "started_at": _iso(a.started_at),
+        "finished_at": _iso(a.finished_at),
+        "duration_s": _seconds(a.started_at, a.finished_at),
+        "error": a.error,
+        "traceback": a.traceback,
+        "log": a.log or [],
+        "log_dropped": a.log_dropped,
+        "worker": a.worker,
+    } for a in session.execute(stmt).scalars()]
+    return {
+        "schema": ATTEMPTS_SCHEMA,
+        "pipeline": pipeline_name,
+        "batch_id": batch.batch_id,
+        "task": task,
+        "status": _value(row.status),
+        "attempt": row.attempt,
+        "max_attempts": _max_attempts(row),
+        "attempts": attempts,
+    }
+
+
+def task_output(session: Session, batch_id: str, task: str,
+                pipeline: str | None = None) -> dict[str, Any]:
+    """A task's status and output (what its children receive as input)."""
+    batch, pipeline_name, row, _ = _task_log_row(session, batch_id, task, pipeline)
+    return {"pipeline": pipeline_name, "batch_id": batch.batch_id, "task": task,
+            "status": _value(row.status), "attempt": row.attempt, "output": row.output,
+            "error": row.error}
 
 
 # -- why ------------------------------------------------------------------------------

@@ -1,4 +1,11 @@
-"""Fakes for tests, beside the ports they stand in for, and CloudEvent builders.
+"""Fakes for tests, beside the ports they stand in for, CloudEvent builders, and the
+helpers for a unit test of a task.
+
+`task_context(pipeline, task, params=…, parents=…)` builds the context a worker
+would give the task (from its YAML file, or its name in the pipelines folder), so a
+test can call a `python` task's function directly; `run_task(pipeline, task, …)`
+runs the task's handler as a worker would and returns its output, error,
+traceback and captured lines (`TaskRun`). Neither needs a database.
 
 `RecordingPublisher` keeps what was published and can pump it back into a
 router (a synchronous stand-in for Pub/Sub push); `FailingPublisher` is Pub/Sub
@@ -20,6 +27,10 @@ from typing import Any
 from orchestrator.edge import PUBSUB_PUBLISHED, STORAGE_FINALIZED
 from orchestrator.errors import InfrastructureError
 from orchestrator.ports import OutboundMessage
+from orchestrator.tasktest import TaskRun, run_context, run_task, task_context
+
+# The helpers for a unit test of a task live in `tasktest`; they are offered here.
+__all__ = ["TaskRun", "run_context", "run_task", "task_context"]
 
 # -- publishers ---------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.text import Text
 
 from orchestrator import logs, queries
-from orchestrator.cli import render
+from orchestrator.cli import render, tasks
 from orchestrator.cli.ops import (
     BucketWatcher,
     batch_ids_between,
@@ -746,9 +746,10 @@ def dev(
     """Run the embedded runtime in the foreground until Ctrl-C.
 
     It watches the local bucket folders (ORCHESTRATOR_HOME/buckets/<bucket>/…) for
-    new files, fires their finalize events, and runs the sweeper: schedules start
-    their batches on time, deadlines apply, and alerts print here (and go to
-    ORCHESTRATOR_ALERT_WEBHOOK_URL if set).
+    new files, fires their finalize events, runs the sweeper (schedules start their
+    batches on time, deadlines apply, and alerts print here, and go to
+    ORCHESTRATOR_ALERT_WEBHOOK_URL if set), and reloads the pipelines' Python modules
+    when their files change.
 
     Example: [bold]orchestrator dev --pipelines examples/[/bold], then in another shell
     [bold]cp _SUCCESS .orchestrator/buckets/landing/sales/2024-03/[/bold]
@@ -796,6 +797,7 @@ def dev(
                     dropped = fire(rt, bucket, name)
                     where = ", ".join(f"{p}/{b}" for p, b in dropped.batches) or "no trigger"
                     out.print(f"{dropped.uri} → {where}: {dropped.outcome}")
+                _reload_modules()
                 time.sleep(poll)
         except KeyboardInterrupt:
             out.print("stopping")
@@ -832,6 +834,25 @@ def ui(
               "Ctrl-C to stop")
     serve(s, host=host, port=port, read_only=read_only, extra_hosts=allow_host or [],
           cloud=is_cloud(s))
+
+
+def _reload_modules() -> None:
+    """Python modules of the pipelines that changed on disk are reloaded: the next
+    attempt of a task runs the new code (one running now finishes with the old)."""
+    from orchestrator import handlers, usercode
+
+    reloaded = usercode.reload_changed()
+    for name, problem in reloaded:
+        if problem is None:
+            out.print(f"reloaded module {name}")
+        else:
+            err.print(f"cannot reload module {name}, keeping the old one: {problem}",
+                      markup=False)
+    if reloaded:
+        handlers.clear_cache()
+
+
+tasks.register(app)
 
 
 def main() -> None:

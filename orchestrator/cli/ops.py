@@ -29,10 +29,18 @@ class Dropped:
 def sync(rt: Any, path: Path) -> list[Any]:
     """Validate and store pipeline files, with SQL files inlined into the task configs
     (so a worker never needs the pipeline folder)."""
+    import typer
+
+    from orchestrator import usercode
     from orchestrator.pipeline.checks import prepare_spec
     from orchestrator.pipeline.spec import load_pipelines
 
-    return list(rt.sync_specs([prepare_spec(spec) for spec in load_pipelines(path)]))
+    specs = load_pipelines(path)
+    # This command may run the tasks itself (`run`, `dev`): their modules import from here.
+    usercode.add_path(path if path.is_dir() else path.parent)
+    for warning in usercode.outside_pipelines_dir(specs, rt.settings.pipelines_dir):
+        typer.echo(f"warning: {warning}", err=True)
+    return list(rt.sync_specs([prepare_spec(spec) for spec in specs]))
 
 
 def force_release(rt: Any, pipeline: str, batch_id: str) -> list[str]:

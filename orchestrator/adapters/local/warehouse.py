@@ -55,8 +55,11 @@ class DuckDBWarehouse:
         *,
         default_dataset: str = "analytics",
         buckets_root: str | Path | None = None,
+        read_only: bool = False,
     ):
         self.path = Path(path)
+        # For reads alone (`orchestrator sql`): no write lock, nothing created.
+        self.read_only = read_only
         self.default_dataset = check_identifier(default_dataset, "dataset name")
         # The runtime keeps its buckets beside the warehouse file (`<home>/buckets`).
         self.store = LocalObjectStore(buckets_root or self.path.parent / "buckets")
@@ -71,6 +74,14 @@ class DuckDBWarehouse:
         if self._con is None:
             import duckdb
 
+            if self.read_only:
+                con = duckdb.connect(str(self.path), read_only=True)
+                found = con.execute("SELECT count(*) FROM information_schema.schemata "
+                                    "WHERE schema_name = ?", [self.default_dataset]).fetchone()
+                if found and found[0]:
+                    con.execute(f"SET schema = '{self.default_dataset}'")
+                self._con = con
+                return con
             self.path.parent.mkdir(parents=True, exist_ok=True)
             con = duckdb.connect(str(self.path))
             con.execute(
@@ -83,11 +94,18 @@ class DuckDBWarehouse:
             self._con = con
         return self._con
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, timeout: float = -1) -> bool:
+        """Close the connection, waiting at most `timeout` seconds (-1: as long as it
+        takes) for a job in progress; False if it had to be left open."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        try:
             if self._con is not None:
                 self._con.close()
                 self._con = None
+        finally:
+            self._lock.release()
+        return True
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
