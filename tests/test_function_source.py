@@ -1,16 +1,19 @@
-"""What ships: the function source archive built as terraform builds it (the
-repository minus `source_excludes`, with the user's pipelines folder), installed as
+"""What ships: the function source archive as terraform builds it (the deployment
+module reads `data.archive_file.source`), with a pipeline and its Python module in
+the deployment's pipelines folder, as a user's repository has them; installed as
 the Python buildpack installs it (`pip install -r requirements.txt`, never the
-checkout), and `route` served from it by functions-framework with terraform's
-settings. A `python` task whose module sits in the shipped pipelines folder runs,
-and every line it prints reaches the function's log as a Cloud Logging JSON entry
-labelled with its batch, task and attempt."""
+checkout); and `route` served from it by functions-framework with the environment
+terraform gives it. The module imports with no PYTHONPATH, and every line the task
+prints reaches the function's log as a Cloud Logging JSON entry labelled with its
+batch, task and attempt.
+
+The full rehearsal (tests/test_rehearsal.py) runs the deployment's own pipelines;
+this one adds a python task, which those pipelines do not have.
+"""
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -30,12 +33,14 @@ from sqlalchemy.engine import Engine
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from orchestrator.testing import RecordingPublisher, pubsub_request, reset_process_caches
+from scripts.deployment import Deployment, function_archive
+from tests import rehearsal as r
+from tests.emulators import PROJECT
 from tests.pubsub_emulator import PubSubEmulator, pubsub_emulator  # noqa: F401
-from tests.test_terraform import expr, locals_, variables
+from tests.test_rehearsal import Computed
 
 pytestmark = [pytest.mark.emulator, pytest.mark.postgres]
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 PIPELINE = """\
@@ -46,8 +51,6 @@ PIPELINE = """\
         config: {callable: "shipped_tasks:report"}
 """
 MODULE = """\
-    import logging
-
     import orchestrator
 
 
@@ -58,35 +61,6 @@ MODULE = """\
 """
 
 
-def excluded(rel: str, patterns: list[str]) -> bool:
-    """archive_file's `excludes`: a path, a folder (and all below it), or a glob."""
-    parts = rel.split("/")
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    for pat in patterns:
-        for i, prefix in enumerate(prefixes):
-            if prefix == pat or fnmatch.fnmatch(prefix, pat):
-                return True
-            if pat.startswith("**/") and fnmatch.fnmatch(parts[i], pat[3:]):
-                return True
-    return False
-
-
-def build_archive(out: Path, pipelines_dir: str) -> Path:
-    """The zip terraform uploads: every file of the repository not excluded, and a
-    pipelines folder with a pipeline and its module, as a user's repository has."""
-    patterns = [str(p) for p in variables()["source_excludes"]["default"]]
-    archive = out / "function-source.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(ROOT.rglob("*")):
-            rel = path.relative_to(ROOT).as_posix()
-            if path.is_file() and not excluded(rel, patterns) \
-                    and not rel.startswith(f"{pipelines_dir}/"):
-                zf.write(path, rel)
-        zf.writestr(f"{pipelines_dir}/shipped.yaml", textwrap.dedent(PIPELINE))
-        zf.writestr(f"{pipelines_dir}/shipped_tasks.py", textwrap.dedent(MODULE))
-    return archive
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,55 +68,68 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """/workspace as the buildpack leaves it: the archive unpacked, requirements
-    installed (into `site`, with the dependencies this environment already has)."""
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """/workspace as the buildpack leaves it, and route's environment from terraform."""
+    computed = Computed()
+    d = Deployment.minimal(computed, overrides={"project_id": PROJECT})
+    fns = r.functions(d)
+    for fn in fns:
+        computed.function_urls[(fn.resource.name, fn.resource.key)] = fn.url
+    [route] = [fn for fn in fns if fn.entry_point() == "route"]
+    env = route.environment({"ORCHESTRATOR_DB_PASSWORD": ""})
+    pipelines_dir = env["ORCHESTRATOR_PIPELINES_DIR"]
+
     tmp = tmp_path_factory.mktemp("function")
-    pipelines_dir = str(variables()["pipelines_dir"]["default"])
-    archive = build_archive(tmp, pipelines_dir)
+    built = function_archive(d, tmp / "source.zip")
+    archive = tmp / "with-pipeline.zip"
+    with zipfile.ZipFile(built.path) as src, zipfile.ZipFile(archive, "w") as out:
+        for item in src.infolist():
+            out.writestr(item, src.read(item))
+        out.writestr(f"{pipelines_dir}/shipped.yaml", textwrap.dedent(PIPELINE))
+        out.writestr(f"{pipelines_dir}/shipped_tasks.py", textwrap.dedent(MODULE))
     root = tmp / "workspace"
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(root)
     assert not (root / "tests").exists() and (root / "orchestrator").is_dir()
+    # requirements.txt installs the package from the archive; its dependencies are
+    # this environment's (a full install is the rehearsal's, cached by archive).
     site = tmp / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                     "--target", str(site), "-r", "requirements.txt"],
                    cwd=root, check=True, capture_output=True, timeout=300)
-    return root, site, pipelines_dir
+    return {"root": root, "site": site, "env": env, "source": route.source(),
+            "pipelines_dir": pipelines_dir}
 
 
 @pytest.fixture
-def route(workspace: tuple[Path, Path, str], pg_url: str,
+def route(deployed: dict[str, Any], pg_url: str,
           pubsub_emulator: PubSubEmulator) -> Iterator[dict[str, Any]]:  # noqa: F811
-    root, site, pipelines_dir = workspace
     topic = f"tasks-{uuid.uuid4().hex[:8]}"
     pubsub_emulator.create_topic(topic)
     pubsub_emulator.create_topic(f"{topic}-events")
-    settings_env = locals_()["settings_environment"]
-    assert expr(settings_env["ORCHESTRATOR_PIPELINES_DIR"]) == "var.pipelines_dir"
-    source = str(locals_()["build_environment"]["GOOGLE_FUNCTION_SOURCE"])
     env = {
-        "PATH": os.environ["PATH"],
-        # The installed package only: the buildpack's site-packages.
-        "PYTHONPATH": str(site),
+        **deployed["env"],
+        # The stand-ins: this database, the emulator, topics of this test.
         "DATABASE_URL": pg_url,
-        "ORCHESTRATOR_RUNTIME": "cloud",
+        "ORCHESTRATOR_DB_PASSWORD": "",
         "ORCHESTRATOR_GCP_PROJECT": pubsub_emulator.project,
         "ORCHESTRATOR_TASKS_TOPIC": topic,
         "ORCHESTRATOR_EVENTS_TOPIC": f"{topic}-events",
-        "ORCHESTRATOR_PIPELINES_DIR": pipelines_dir,
-        "ORCHESTRATOR_LOG_FORMAT": str(variables()["log_format"]["default"]),
-        "ORCHESTRATOR_WAREHOUSE": "bigquery",
         "PUBSUB_EMULATOR_HOST": pubsub_emulator.host,
+        **r.base_environment(deployed["root"].parent),
+        # The installed package only: the buildpack's site-packages.
+        "PYTHONPATH": str(deployed["site"]),
     }
+    env["PATH"] = f"{BIN}:{env['PATH']}"
     port = free_port()
-    log = root.parent / f"route-{port}.log"
+    log = deployed["root"].parent / f"route-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / "functions-framework"), "--target", "route", "--source", source,
-             "--signature-type", "cloudevent", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            [str(BIN / "functions-framework"), "--target", "route", "--source",
+             deployed["source"], "--signature-type", "cloudevent", "--host", "127.0.0.1",
+             "--port", str(port)],
+            cwd=deployed["root"], env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -151,7 +138,7 @@ def route(workspace: tuple[Path, Path, str], pg_url: str,
                     break
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        yield {"url": f"http://127.0.0.1:{port}", "log": log, "root": root, "site": site}
+        yield {**deployed, "url": f"http://127.0.0.1:{port}", "log": log}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -163,7 +150,7 @@ def test_a_module_in_the_shipped_pipelines_folder_runs_and_logs_labelled_json(
     published = RecordingPublisher()
     # The deploy job's side: sync the shipped folder, start a batch.
     operator = Runtime(Settings(database_url=pg_url), pg_engine, published)
-    operator.sync(route["root"] / "pipelines")
+    operator.sync(route["root"] / route["pipelines_dir"] / "shipped.yaml")
     assert operator.start_batch("shipped", "2024-03")
     [message] = published.data
     headers, body = pubsub_request(message)
