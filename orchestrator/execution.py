@@ -205,8 +205,9 @@ class _Watchdog:
                 self._thread.start()
 
     def _loop(self) -> None:
+        tick = threading.Event()  # never set: a wait that a patched time.sleep cannot skip
         while True:
-            time.sleep(TICK_S)
+            tick.wait(TICK_S)
             now = time.monotonic()
             due: list[_Watch] = []
             with self._lock:
@@ -295,6 +296,9 @@ def run_handler(fn: Callable[..., Any], ctx: Any, log: AttemptLog, *, timeout_s:
     if reason is not None:
         _abandoned_threads.discard(w.ident)
         raise Abandoned(reason, output, error, time.monotonic() - w.deadline + timeout_s)
+    if isinstance(error, SystemExit):
+        # sys.exit() in a task ends the task, never the worker that runs it.
+        raise RuntimeError(f"the handler called sys.exit({error.code!r})") from error
     if error is not None:
         raise error
     return output

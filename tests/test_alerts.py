@@ -113,7 +113,9 @@ def test_a_failure_alerts_once_per_kind_with_the_error_and_the_command(
     task_text, batch_text = receiver.texts()
     assert task_text.splitlines() == [
         "[error] task_failed: sales/2024-03: task load failed on attempt 2",
-        "RuntimeError: connection reset by peer",
+        # The error names where it was raised (the handler's own line).
+        f"RuntimeError: connection reset by peer (at {__file__}:"
+        f"{flaky.__code__.co_firstlineno + 1} in flaky)",
         "More: `orchestrator why 2024-03 load -p sales`"]
     assert batch_text.splitlines()[0] == "[error] batch_failed: sales/2024-03: batch FAILED: load failed"
     assert batch_text.splitlines()[2] == "More: `orchestrator why 2024-03 load -p sales`"

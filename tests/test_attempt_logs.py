@@ -282,3 +282,17 @@ def test_logs_follow_prints_the_lines_of_a_running_task_until_it_is_done(
     assert out.index("hello from attempt 1") < out.index("ValueError: bad row 7") < \
         out.index("hello from attempt 2") < out.index("bye") < out.index(
             "attempt 2 ended: SUCCESS")
+
+
+def test_sys_exit_in_a_task_fails_the_task_not_the_worker(
+        router: tuple[Router, Any], sessions: sessionmaker[Session], clock: Any) -> None:
+    def exits(ctx: TaskContext) -> dict[str, Any]:
+        print("giving up")
+        sys.exit(2)
+
+    run_one(router, sessions, clock, "chatty", exits, attempts=1)
+    with sessions() as s:
+        [attempt] = queries.task_attempts(s, "b1", "t")["attempts"]
+    assert attempt["outcome"] == "ERROR"
+    assert attempt["error"].startswith("RuntimeError: the handler called sys.exit(2)")
+    assert [e["line"] for e in attempt["log"]] == ["giving up"]
