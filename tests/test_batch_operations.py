@@ -302,6 +302,59 @@ def test_a_batch_locked_for_a_whole_batch_operation_never_stalls_a_workers_trans
     assert stalled == []
 
 
+# -- cancel racing the batch's close -------------------------------------------------
+
+
+class CancelCloseTrial:
+    """The batch's last task has just succeeded and its close races `batch cancel`:
+    nothing is left to cancel, so the batch ends SUCCESS, told once, never CANCELLED."""
+
+    PIPELINE = "cancel_close"
+
+    def __init__(self, sessions: sessionmaker[Session]):
+        self.sessions = sessions
+        sync(sessions, spec_from_edges(self.PIPELINE, {"only": []}), datetime_now())
+        self.n = 0
+
+    def prepare(self) -> tuple[str, int]:
+        self.n += 1
+        batch_id = f"k{self.n}"
+
+        def work(s: Session) -> int:
+            engine.start_batch(s, self.PIPELINE, batch_id, {}, datetime_now())
+            only = claimed(s, self.PIPELINE, batch_id, "only")
+            assert engine.succeed(s, only.row, 1, {}, datetime_now()).applied
+            return only.row.batch_pk
+
+        return batch_id, tx(self.sessions, work)
+
+    def verdict(self, batch_pk: int, cancelled: int, closed: Any) -> str:
+        with self.sessions() as s:
+            final = batch_status(s, batch_pk)
+            if final == "RUNNING":  # the close lost the race: the sweeper's pass closes it
+                closed = engine.close_batch_if_done(s, batch_pk, datetime_now())
+                s.commit()
+                final = batch_status(s, batch_pk)
+        if (final, cancelled) != ("SUCCESS", 0) or closed is None:
+            return f"batch {final}, {cancelled} task(s) cancelled, closed by {closed}"
+        return "ok"
+
+
+def test_a_cancel_that_finds_every_task_finished_leaves_the_batch_to_its_close(
+        pg_sessions: sessionmaker[Session], pool: ThreadPoolExecutor) -> None:
+    t = CancelCloseTrial(pg_sessions)
+    wrong = []
+    for _ in range(TRIALS // 2):
+        batch_id, pk = t.prepare()
+        cancelled, closed = released_together(
+            pg_sessions, pool,
+            lambda s, b=batch_id: engine.cancel_batch(s, t.PIPELINE, b, datetime_now()),
+            lambda s, pk=pk: engine.close_batch_if_done(s, pk, datetime_now()))
+        if (v := t.verdict(pk, cancelled, closed)) != "ok":
+            wrong.append((batch_id, v))
+    assert wrong == [], f"{len(wrong)}/{TRIALS // 2} wrong: {wrong[:5]}"
+
+
 # -- retry racing the batch's close --------------------------------------------------
 
 

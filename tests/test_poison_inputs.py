@@ -63,6 +63,8 @@ def emit(ctx: TaskContext) -> dict[str, Any]:
         raise ValueError(f"the row said {Bad.NUL}")
     if kind == "error-surrogate":
         raise ValueError(f"the row said {Bad.SURROGATE}")
+    if kind == "prints":
+        print(f"row {Bad.NUL} and {Bad.SURROGATE}")
     return {"ok": True}
 
 
@@ -206,6 +208,21 @@ def test_a_result_the_database_would_refuse_fails_its_task_with_the_real_reason(
     # The log line carries the reason as raised (its formatter escapes what it must).
     assert says.partition("\\")[0] in logged(caplog)
     assert rt.batch_status("poison", "b1") == "FAILED"
+
+
+def test_a_task_that_prints_what_the_database_cannot_hold_succeeds_and_keeps_the_line(
+        rt: Runtime, pg_engine: Engine, published: RecordingPublisher) -> None:
+    """Its attempt's log is stored with the NUL and the lone surrogate escaped."""
+    from orchestrator import queries
+
+    assert route(pubsub_request({"type": "start_batch", "pipeline": "poison",
+                                 "batch_id": "b1", "params": {"kind": "prints"}})) == 200
+    assert drive(published) == [200]
+    assert rows(pg_engine)[("b1", "emit")] == ("SUCCESS", None)
+    with rt.sessions() as s:
+        lines = [e["line"] for a in queries.task_attempts(s, "b1", "emit")["attempts"]
+                 for e in a["log"] if e["stream"] == "stdout"]
+    assert lines == ["row a\\x00b and \\ud800"]
 
 
 def test_a_limited_task_with_two_128_character_names_is_claimed_and_runs(

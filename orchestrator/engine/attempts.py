@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db.dialect import upsert
 from orchestrator.db.models import TaskAttempt, TaskLog, task_attempts_table
+from orchestrator.db.types import storable_text, text_problem
 from orchestrator.engine.types import TaskRow
 
 KEY = ["batch_pk", "task_id", "map_index", "attempt"]
@@ -42,11 +43,23 @@ class AttemptRecord:
 
 
 def _values(row: TaskRow, attempt: int, rec: AttemptRecord, now: datetime) -> dict[str, Any]:
+    # What a task printed or raised is kept whatever it holds: a NUL or a lone surrogate
+    # would make the database refuse the attempt's record, and with it the result.
     return {"batch_pk": row.batch_pk, "task_id": row.task_id, "map_index": row.map_index,
             "attempt": attempt, "outcome": rec.outcome, "started_at": rec.started_at,
-            "finished_at": rec.finished_at, "error": rec.error, "traceback": rec.traceback,
-            "log": rec.log, "log_dropped": rec.log_dropped, "worker": rec.worker,
-            "updated_at": now}
+            "finished_at": rec.finished_at, "error": _text(rec.error),
+            "traceback": _text(rec.traceback), "log": [_entry(e) for e in rec.log],
+            "log_dropped": rec.log_dropped, "worker": rec.worker, "updated_at": now}
+
+
+def _text(value: str | None) -> str | None:
+    return storable_text(value) if value is not None else None
+
+
+def _entry(entry: dict[str, Any]) -> dict[str, Any]:
+    if all(not isinstance(v, str) or text_problem(v) is None for v in entry.values()):
+        return entry
+    return {k: storable_text(v) if isinstance(v, str) else v for k, v in entry.items()}
 
 
 _COLUMNS = ["batch_pk", "task_id", "map_index", "attempt", "outcome", "started_at",

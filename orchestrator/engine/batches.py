@@ -126,6 +126,10 @@ def cancel_batch(session: Session, pipeline: str, batch_id: str, now: datetime,
         select(TaskLog.id, TaskLog.task_id, TaskLog.map_index)
         .where(TaskLog.batch_pk == batch.id, TaskLog.status.in_(OPEN))
     ).all()
+    if not open_rows:
+        # Every task has finished and only the close is still to come (the last
+        # finisher's, or the sweeper's): the batch ends as its tasks did, not cancelled.
+        return 0
     locks.lock_rows(session, [(r[0], r[1], r[2]) for r in open_rows], shared=False)
     rows = session.execute(
         update(TaskLog)
