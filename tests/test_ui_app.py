@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event as sa_event
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
-from orchestrator.db.models import Batch, TaskLog
+from orchestrator.db.models import Batch, TaskAttempt, TaskLog
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from orchestrator.testing import RecordingPublisher
@@ -103,7 +103,20 @@ def test_the_task_page_shows_why_the_error_every_attempt_and_the_json(runtime, c
         b = client.get(f"{BATCH}/tasks/load_b").text
     assert "load_a: failed on attempt 1/3 at 12:00:03 with: RuntimeError: disk full" in a
     assert "RuntimeError: disk full\n  at line 3</pre>" in a  # the whole error, as text
-    assert re.search(r'<tr data-attempt="1">.*?s-error.*?disk full', a, re.S)
+    attempt = re.search(r'<article class="attempt" id="attempt-1" data-attempt="1" '
+                        r'data-outcome="ERROR">.*?</article>', a, re.S)
+    assert attempt and "disk full" in attempt.group(0) and "worker <code>test:1</code>" in (
+        attempt.group(0))
+    # Its story (from task_attempts): the lines it printed, then the traceback, unfolded.
+    story = re.search(r'<details class="story" id="story-1" data-keep open>.*?</details>',
+                      attempt.group(0), re.S)
+    assert story, attempt.group(0)
+    assert re.findall(r'<div class="ln ln-(\w+)">.*?<span class="tx">(.*?)</span></div>',
+                      story.group(0)) == [("stdout", "load_a: attempt 1 starting"),
+                                          ("stderr", "RuntimeError: disk full")]
+    assert ('<pre class="traceback" id="tb-1" data-keep>Traceback (most recent call last):'
+            in story.group(0)) and "in load_a\nRuntimeError: disk full\n  at line 3" in (
+        html.unescape(story.group(0)))
     assert "combine: will not run: upstream load_a failed with: RuntimeError: disk full" in c
     assert '"rows": 3' in html.unescape(b) and "Rerun this task and downstream" in b
 
@@ -134,6 +147,14 @@ def test_every_page_of_a_batch_and_its_pipeline_renders(runtime, clock):
 def test_user_text_is_escaped_everywhere_it_is_shown(runtime, clock):
     failed_diamond(runtime.sessions, clock.now(), pipeline="hostile", error=HOSTILE,
                    params={"region": HOSTILE}, description=HOSTILE)
+    # What a task logged, in every field of a line: a level or stream that is no
+    # level or stream must not reach a class attribute either.
+    with runtime.sessions.begin() as s:
+        s.execute(update(TaskAttempt).where(TaskAttempt.outcome == "ERROR").values(log=[
+            {"at": HOSTILE, "stream": f'x" onclick="{HOSTILE}', "line": HOSTILE},
+            {"at": "2024-03-01T12:00:03.000+00:00", "stream": "log",
+             "level": '"><script>window.__pwned = 3</script>', "logger": HOSTILE,
+             "line": f"{HOSTILE}\n{HOSTILE}"}]))
     with _client(runtime) as client:
         pages = [client.get(p).text for p in (
             "/", "/pipelines/hostile", "/pipelines/hostile/batches/b1",
@@ -145,10 +166,221 @@ def test_user_text_is_escaped_everywhere_it_is_shown(runtime, clock):
     escaped = "&lt;script&gt;window.__pwned = 1&lt;/script&gt;"
     assert escaped in pages[2]  # the param and the error line in the table
     assert escaped in pages[3] and escaped in pages[4] and escaped in pages[5]
+    story = re.search(r'<details class="story".*?</details>', pages[3], re.S).group(0)
+    assert story.count(escaped) == 5  # the line, the logger, the two-line line, traceback
+    assert re.findall(r'<div class="([^"]*)"><time>', story) == ["ln ln-other", "ln ln-log"]
+    assert '<pre class="traceback" id="tb-1" data-keep>' in story and "window.__pwned = 3" in (
+        html.unescape(story))
+    assert "<script>" not in story and "onclick" not in story
     assert escaped in pages[1]  # the description
     # The only scripts a page loads are our own file, never inline code.
     assert re.findall(r"<script[^>]*>", pages[3]) == [
         re.search(r'<script src="/static/ui.js\?v=\w+" defer>', pages[3]).group(0)]
+
+
+def _chatty(ctx: Any) -> dict[str, Any]:
+    import logging
+    import sys
+
+    print(f"attempt {ctx.attempt}: reading 3 files")
+    ctx.log.info("rows so far: %d", 42)
+    logging.getLogger("vendor.client").warning("slow response")
+    print("deprecated option", file=sys.stderr)
+    if ctx.attempt == 1:
+        for i in range(400):
+            print(f"row {i:04d} " + "x" * 60)
+        raise KeyError("amount")
+    return {"ok": True}
+
+
+def test_the_task_page_shows_each_attempts_lines_by_stream_and_its_traceback(
+        sessions, clock, any_engine, tmp_path):
+    """A real handler, run by the worker: what it printed and logged, attempt by
+    attempt, the first attempt's cut marked, its traceback."""
+    from orchestrator import handlers
+    from orchestrator.messages import StartBatch
+    from orchestrator.pipeline.spec import build_pipeline
+    from orchestrator.router import Router
+    from orchestrator.testing import reset_process_caches
+    from tests.dags import sync
+
+    reset_process_caches()
+    published = RecordingPublisher()
+    router = Router(sessions, published, clock=clock, attempt_log_bytes=8192)
+    handlers.register("chatty_ui", _chatty)
+    try:
+        sync(sessions, build_pipeline({"name": "p", "tasks": [{
+            "name": "t", "handler": "chatty_ui",
+            "retry": {"max_attempts": 2, "initial_delay_s": 0}}]},
+            known_handlers={"chatty_ui"}), clock.now())
+        router.start_batch(StartBatch(type="start_batch", pipeline="p", batch_id="b1"))
+        published.pump(router)
+    finally:
+        handlers.unregister("chatty_ui")
+    rt = Runtime(Settings(home=tmp_path), any_engine, RecordingPublisher(), clock=clock)
+    try:
+        with _client(rt) as client:
+            page = client.get("/pipelines/p/batches/b1/tasks/t").text
+    finally:
+        rt.events.close()
+    first, second = re.findall(r'<article class="attempt".*?</article>', page, re.S)
+    assert 'data-attempt="1" data-outcome="RETRYING"' in first
+    assert 'data-attempt="2" data-outcome="SUCCESS"' in second
+    assert "KeyError: &#39;amount&#39; (at " in first  # the error line, with where
+    lines = re.findall(r'<div class="(ln[^"]*)"><time>[\d:.]+</time> <span class="tag">(\w+)'
+                       r'</span> (?:<span class="logger">([\w.]+):</span> )?'
+                       r'<span class="tx">(.*?)</span></div>', second)
+    assert lines == [
+        ("ln ln-stdout", "stdout", "", "attempt 2: reading 3 files"),
+        ("ln ln-log lv-info", "INFO", "", "rows so far: 42"),  # ctx.log needs no name
+        ("ln ln-log lv-warning", "WARNING", "vendor.client", "slow response"),
+        ("ln ln-stderr", "stderr", "", "deprecated option")]
+    assert '<details class="story" id="story-2" data-keep open>' in second  # the newest
+    # The first attempt printed more than the worker keeps: its cut is marked, counted.
+    dropped = int(re.search(r"· ([\d,]+) left out by the worker", first).group(1)
+                  .replace(",", ""))
+    assert dropped > 100
+    marker = re.findall(r'<div class="ln ln-orchestrator">.*?<span class="tx">(.*?)</span>',
+                        first)
+    assert len(marker) == 1 and f"… {dropped:,} line(s)" in marker[0]
+    assert "row 0399" in first and '<details class="story" id="story-1" data-keep>' in first
+    traceback = html.unescape(re.search(r'<pre class="traceback"[^>]*>(.*?)</pre>', first,
+                                        re.S).group(1))
+    assert traceback.startswith("Traceback (most recent call last):")
+    assert 'raise KeyError("amount")' in traceback and traceback.rstrip().endswith(
+        "KeyError: 'amount'")
+    assert "<pre class=\"traceback\"" not in second
+
+
+def test_a_huge_log_and_many_attempts_leave_the_task_page_bounded(runtime, clock):
+    """However much was stored (`attempt_log_bytes` is the user's to raise): the log and
+    traceback of the last five attempts only, each log its first and last lines up to
+    1,000 lines and 96 KiB, each traceback its head and tail up to 48 KiB."""
+    from orchestrator.db.session import transaction
+    from orchestrator.engine import claim, fail, resolve_task, start_batch
+    from orchestrator.engine.attempts import AttemptRecord, finish
+    from tests.ui_support import spec_from_edges, sync
+
+    sync(runtime.sessions, spec_from_edges("long", {"t": []}), clock.now())
+    transaction(runtime.sessions, lambda s: start_batch(s, "long", "b1", {}, clock.now()))
+    at = clock.now().isoformat()
+    huge = [{"at": at, "stream": "stdout", "line": f"line {i:05d} " + "<x>" * 60}
+            for i in range(20_000)]
+    for n in range(1, 9):
+        now = clock.advance(1)
+        last = n == 8
+
+        def run(s: Session, n: int = n, now: Any = now, last: bool = last) -> None:
+            row = resolve_task(s, "long", "b1", "t")
+            assert claim(s, row, n, now) is not None
+            row = resolve_task(s, "long", "b1", "t")
+            fail(s, row, n, f"boom {n}", now, retry_delay_s=None if last else 0)
+            finish(s, row, n, AttemptRecord(
+                started_at=now, finished_at=now, outcome="ERROR" if last else "RETRYING",
+                error=f"boom {n}", traceback=("T" * 300_000 if last else f"trace {n}"),
+                log=huge if last else [{"at": at, "stream": "stdout", "line": f"try {n}"}]),
+                now)
+
+        transaction(runtime.sessions, run)
+    with _client(runtime) as client:
+        page = client.get("/pipelines/long/batches/b1/tasks/t")
+    assert page.status_code == 200
+    assert len(page.content) < 600_000  # a 1.4 MB log and a 300 kB traceback stored
+    text = page.text
+    assert text.count('<article class="attempt"') == 8
+    assert text.count('<details class="story"') == 5
+    for n in (1, 2, 3):  # earlier attempts: their error, and where to read the rest
+        article = re.search(rf'id="attempt-{n}".*?</article>', text, re.S).group(0)
+        assert f"boom {n}" in article and "orchestrator logs b1 t --pipeline long " \
+            f"--attempt {n}</code>" in article and "try " not in article
+    last = re.search(r'id="attempt-8".*?</article>', text, re.S).group(0)
+    lines = re.findall(r'<div class="ln ln-stdout"><time>[^<]*</time> <span class="tag">stdout'
+                       r'</span> <span class="tx">line (\d+) ', last)
+    assert len(lines) <= 1000 and lines[0] == "00000" and lines[-1] == "19999"
+    cut = re.search(r'<div class="ln ln-cut">… ([\d,]+) lines \(([\d,]+) KiB\) not shown here: '
+                    r'<code>orchestrator logs b1 t --pipeline long --attempt 8</code>', last)
+    assert cut and int(cut.group(1).replace(",", "")) == 20_000 - len(lines)
+    assert "&lt;x&gt;" in last and "<x>" not in last
+    traceback = re.search(r'<pre class="traceback"[^>]*>(.*?)</pre>', last, re.S).group(1)
+    assert len(traceback) < 50 * 1024 and "characters not shown here" in traceback
+
+
+def test_a_log_view_keeps_its_first_and_last_lines_within_both_bounds():
+    from orchestrator.ui.pages import log_view
+
+    entries = [{"at": "2024-03-01T12:00:00.000+00:00", "stream": "stdout", "line": f"{i:04d}"}
+               for i in range(5000)]
+    assert len(log_view(entries[:10], lines=10).head) == 10
+    v = log_view(entries, lines=100, chars=10_000)
+    assert [x.text for x in v.head] == [f"{i:04d}" for i in range(50)]
+    assert [x.text for x in v.tail] == [f"{i:04d}" for i in range(4950, 5000)]
+    assert v.hidden == 4900 and v.count == 5000 and v.hidden_chars == 4900 * 4
+    v = log_view([{"line": "y" * 100}] * 50, lines=1000, chars=1000)
+    assert len(v.head) == 5 and len(v.tail) == 5 and v.hidden == 40
+    long = log_view([{"line": "z" * 10_000}])
+    assert long.head[0].text.startswith("z" * 4000 + "… (6,000 more characters")
+    odd = log_view(["not a dict", {"stream": "weird", "level": "NOTICE", "line": 3}])
+    assert [(x.css, x.text) for x in odd.head] == [("ln ln-other", "not a dict"),
+                                                   ("ln ln-other", "3")]
+
+
+def test_a_running_attempts_saved_lines_move_its_page_which_stops_following_when_it_ends(
+        runtime, clock):
+    """The task page follows its batch and its running attempt's log: the stream
+    announces the version the page fetched carries; a save of the log moves it;
+    when the attempt ends (here after its batch was cancelled) the page stops."""
+    from orchestrator.db.session import transaction
+    from orchestrator.engine import claim, resolve_task, start_batch
+    from orchestrator.engine.attempts import DISCARDED, AttemptRecord, close_running, save_log
+    from tests.ui_support import spec_from_edges, sync
+
+    sync(runtime.sessions, spec_from_edges("live", {"t": [], "u": ["t"]}), clock.now())
+    transaction(runtime.sessions, lambda s: start_batch(s, "live", "b1", {}, clock.now()))
+    began = clock.now()
+    transaction(runtime.sessions, lambda s: claim(s, resolve_task(s, "live", "b1", "t"), 1,
+                                                  began))
+    lines: list[dict[str, Any]] = []
+
+    def save(line: str, closed: bool = False) -> None:
+        now = clock.advance(2)
+        lines.append({"at": now.isoformat(), "stream": "stdout", "line": line})
+        rec = AttemptRecord(started_at=began, log=list(lines), worker="w:1",
+                            outcome=DISCARDED if closed else "RUNNING",
+                            finished_at=now if closed else None)
+        transaction(runtime.sessions, lambda s: (close_running if closed else save_log)(
+            s, resolve_task(s, "live", "b1", "t"), 1, rec, now))
+
+    task = "/pipelines/live/batches/b1/tasks/t"
+
+    def look(client: TestClient) -> tuple[str, str, str]:
+        fragment = client.get(task + "/fragment").text
+        live = re.search(r'data-stream="([^"]+)" data-fragment="[^"]+" data-version="([^"]+)" '
+                         r'data-status="\w+" data-following="(\d)"', fragment)
+        assert live and live.group(1) == task + "/stream", fragment[:400]
+        with client.stream("GET", live.group(1)) as r:
+            body = "".join(r.iter_text())
+        announced = re.findall(r'event: change\ndata: \{"version": "([^"]+)"', body)
+        assert announced and announced[0] == live.group(2), (announced, live.group(2))
+        return live.group(2), live.group(3), fragment
+
+    with _client(runtime) as client:
+        save("reading 3 files")
+        v1, following, page = look(client)
+        assert following == "1" and "reading 3 files" in page
+        assert re.search(r'<div class="log" id="log-1" role="log" data-keep data-tail>', page)
+        save("halfway")
+        v2, following, page = look(client)
+        assert v2 != v1 and v2.split(".")[0] == v1.split(".")[0]  # only the log moved
+        assert "halfway" in page and following == "1"
+        runtime.cancel("live", "b1")
+        _, following, page = look(client)
+        assert 'data-status="CANCELLED"' in page and following == "1"  # still running
+        save("done, too late", closed=True)
+        v4, following, page = look(client)
+        assert following == "0" and "too late" in page and "data-tail" not in page
+        assert 'data-outcome="DISCARDED"' in page and "." not in v4
+        assert client.get("/pipelines/live/batches/b1/tasks/nope/stream").status_code == 404
+        assert client.get(task + "/stream?instance=x").status_code == 400
 
 
 def test_every_response_carries_a_strict_content_security_policy(runtime, clock):
@@ -466,17 +698,44 @@ def test_a_mapped_task_shows_its_instance_counts_and_its_failed_instance_first(
         with _client(rt, read_only=True) as client:
             batch = client.get("/pipelines/by_region/batches/bad").text
             load = client.get("/pipelines/by_region/batches/bad/tasks/load").text
+            failed = re.search(r'<tr data-instance="(\d)"><td class="num"><a href="([^"]+)"',
+                               load)
+            assert failed
+            east = client.get(html.unescape(failed.group(2))).text
+            assert client.get("/pipelines/by_region/batches/bad/tasks/load?instance=9"
+                              ).status_code == 404
+            assert client.get("/pipelines/by_region/batches/bad/tasks/total?instance=0"
+                              ).status_code == 404
+            assert client.get("/pipelines/by_region/batches/bad/tasks/load?instance=-1"
+                              ).status_code == 400
     node = re.search(r'data-task="load" data-status="ERROR">.*?</g>', batch, re.S)
     assert node and "ERROR · 3/4 · 1 failed" in node.group(0)
     assert re.search(r'<tr data-task="load" data-status="ERROR">.*?ERROR · 3/4 · 1 failed',
                      batch, re.S)
-    assert batch.count(">load[") >= 4  # each instance's attempt in the timeline
+    # The mapped task's own attempt (its expansion) once, and each instance's attempt.
+    bars = re.findall(r'class="label"[^>]*>(load[^<]*)</text>', batch)
+    assert sorted(bars) == ["load #1", *(f"load[{i}] #1" for i in range(4))], bars
     instances = re.search(r'<section class="panel" id="instances">.*?</section>', load, re.S)
     assert instances and "(4)" in instances.group(0)
-    rows = re.findall(r"<tr><td class=\"num\">(\d)</td><td><span class=\"status s-(\w+)\"",
-                      instances.group(0))
+    rows = re.findall(r'<tr data-instance="(\d)"><td class="num"><a [^>]+>\d</a></td>'
+                      r'<td><span class="status s-(\w+)"', instances.group(0))
     assert rows[0][1] == "error" and [r[1] for r in rows[1:]] == ["success"] * 3
     assert "east is broken" in instances.group(0)
+    attempts = re.findall(r'<article class="attempt" id="attempt-([\d-]+)" data-attempt="1" '
+                          r'data-outcome="(\w+)"', load)
+    assert sorted(attempts) == sorted([("1", "ERROR"), *((f"{i}-1", "ERROR" if i == int(
+        rows[0][0]) else "SUCCESS") for i in range(4))])
+    assert "expanded into 4 instance(s)" in load
+    # One instance's page: its attempt, with the error, the traceback and the log.
+    index = rows[0][0]
+    assert f"Attempts of load[{index}]" in east
+    shown = re.findall(r'<article class="attempt" id="attempt-([\d-]+)"', east)
+    assert shown == [f"{index}-1"]
+    story = re.search(r'<details class="story".*?</details>', east, re.S)
+    assert story and "PermanentError: east is broken" in story.group(0)
+    assert '<pre class="traceback"' in story.group(0)
+    assert f'data-stream="/pipelines/by_region/batches/bad/tasks/load/stream?instance={index}"' \
+        in east
 
 
 def test_a_scheduled_pipeline_shows_its_schedule_and_a_batch_its_deadline(runtime, clock):

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskEvent, TaskLog
 from orchestrator.db.session import transaction
 from orchestrator.engine import (
+    attempts,
     claim,
     close_batch_if_done,
     fail,
@@ -21,6 +22,7 @@ from orchestrator.engine import (
     start_batch,
     succeed,
 )
+from orchestrator.engine.attempts import AttemptRecord
 from tests.dags import spec_from_edges, sync
 
 DIAMOND = {"extract": [], "load_a": ["extract"], "load_b": ["extract"],
@@ -29,20 +31,36 @@ HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned
 
 
 def run_task(sessions: sessionmaker[Session], pipeline: str, batch_id: str, task: str,
-             now: datetime, error: str | None = None, output: dict[str, Any] | None = None) -> None:
+             now: datetime, error: str | None = None, output: dict[str, Any] | None = None,
+             lines: list[dict[str, Any]] | None = None) -> None:
+    """Claim and finish one task, with the attempt's record as a worker writes it (in
+    the transaction of its result): a line it printed and, when it fails, the error
+    on stderr and a traceback."""
     def claimed(s: Session) -> int:
         row = resolve_task(s, pipeline, batch_id, task)
         assert claim(s, row, row.attempt, now) is not None
         return row.attempt
 
     attempt = transaction(sessions, claimed)
-    if error is None:
-        transaction(sessions, lambda s: succeed(
-            s, resolve_task(s, pipeline, batch_id, task), attempt, output or {"rows": 3}, now))
-    else:
-        transaction(sessions, lambda s: fail(
-            s, resolve_task(s, pipeline, batch_id, task), attempt, error, now,
-            retry_delay_s=None))
+    at = now.isoformat(timespec="milliseconds")
+    log = lines if lines is not None else [
+        {"at": at, "stream": "stdout", "line": f"{task}: attempt {attempt} starting"},
+        *([{"at": at, "stream": "stderr", "line": error.splitlines()[0]}] if error else [])]
+    record = AttemptRecord(
+        started_at=now, finished_at=now, outcome="ERROR" if error else "SUCCESS", error=error,
+        traceback=(f'Traceback (most recent call last):\n  File "tasks.py", line 3, in {task}\n'
+                   f"{error}\n") if error else None,
+        log=log, worker="test:1")
+
+    def finished(s: Session) -> None:
+        row = resolve_task(s, pipeline, batch_id, task)
+        if error is None:
+            succeed(s, row, attempt, output or {"rows": 3}, now)
+        else:
+            fail(s, row, attempt, error, now, retry_delay_s=None)
+        attempts.finish(s, row, attempt, record, now)
+
+    transaction(sessions, finished)
 
 
 def failed_diamond(sessions: sessionmaker[Session], now: datetime, pipeline: str = "diamond",

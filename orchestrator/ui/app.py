@@ -260,12 +260,22 @@ def create_app(config: UiConfig) -> Starlette:
         page, panels = _batch(request)
         return r.html(request, "partials/batch_live.html", {"page": page, "panels": panels})
 
+    def _instance(request: Request) -> int | None:
+        value = request.query_params.get("instance")
+        if value in (None, ""):
+            return None
+        index = _int(value, 0, "instance")
+        if index < 0:
+            raise InvalidInput("instance must be 0 or more")
+        return index
+
     def _task(request: Request) -> tuple[pages.TaskPage, list[tuple[str, dict[str, Any]]]]:
         pipeline = _name(request.path_params["pipeline"], "pipeline")
         task = _name(request.path_params["task"], "task")
+        instance = _instance(request)
         with sessions() as s:
             page = pages.task_page(s, pipeline, request.path_params["batch_id"], task,
-                                   config.clock())
+                                   config.clock(), instance)
             return page, pages.render_panels(s, pages.TASK_PANELS, page)
 
     @guarded
@@ -303,37 +313,22 @@ def create_app(config: UiConfig) -> Starlette:
 
     # -- live updates ---------------------------------------------------------------------
 
-    async def stream(request: Request) -> Response:
-        pipeline = request.path_params["pipeline"]
-        batch_id = request.path_params["batch_id"]
-
-        def key() -> int:
-            with sessions() as s:
-                return reads.batch_key(s, _name(pipeline, "pipeline"), batch_id)[0]
-
-        def version(pk: int) -> tuple[int, str]:
-            with sessions() as s:
-                return reads.batch_version(s, pk)
-
-        try:
-            pk = await run_in_threadpool(key)
-        except NotFound as exc:
-            return r.error(request, 404, str(exc))
-
+    def announce(what: str, version: Callable[[], tuple[str, str]]) -> Response:
+        """Server-sent events: `change` with the page's version whenever it moves."""
         async def changes() -> AsyncIterator[str]:
             # One cheap indexed read per interval; a change is announced, not shipped:
             # the page fetches its own fragment, so it renders exactly as a reload would.
-            last: tuple[int, str] | None = None
+            last: tuple[str, str] | None = None
             started = quiet = time.monotonic()
             yield "retry: 2000\n\n"
             while time.monotonic() - started < config.stream_max_s:
                 try:
-                    now = await run_in_threadpool(version, pk)
+                    now = await run_in_threadpool(version)
                 except NotFound:
                     yield "event: gone\ndata: {}\n\n"
                     return
                 except SQLAlchemyError as exc:  # end here; the browser reconnects by itself
-                    logs.warning(f"ui: stream of {pipeline}/{batch_id} stopped: {exc}")
+                    logs.warning(f"ui: stream of {what} stopped: {exc}")
                     return
                 if now != last:
                     last = now
@@ -347,6 +342,51 @@ def create_app(config: UiConfig) -> Starlette:
 
         return StreamingResponse(changes(), media_type="text/event-stream",
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+    async def stream(request: Request) -> Response:
+        pipeline = request.path_params["pipeline"]
+        batch_id = request.path_params["batch_id"]
+
+        def key() -> int:
+            with sessions() as s:
+                return reads.batch_key(s, _name(pipeline, "pipeline"), batch_id)[0]
+
+        try:
+            pk = await run_in_threadpool(key)
+        except NotFound as exc:
+            return r.error(request, 404, str(exc))
+
+        def version() -> tuple[str, str]:
+            with sessions() as s:
+                newest, status = reads.batch_version(s, pk)
+                return str(newest), status
+
+        return announce(f"{pipeline}/{batch_id}", version)
+
+    async def task_stream(request: Request) -> Response:
+        """The batch's changes, and the lines a running attempt of the task saves."""
+        pipeline = request.path_params["pipeline"]
+        batch_id = request.path_params["batch_id"]
+        task = request.path_params["task"]
+
+        def key() -> tuple[int, int, int | None]:
+            instance = _instance(request)
+            with sessions() as s:
+                pk = reads.batch_key(s, _name(pipeline, "pipeline"), batch_id)[0]
+                return pk, reads.task_key(s, pk, _name(task, "task")), instance
+
+        try:
+            pk, task_id, instance = await run_in_threadpool(key)
+        except NotFound as exc:
+            return r.error(request, 404, str(exc))
+        except InvalidInput as exc:
+            return r.error(request, 400, str(exc))
+
+        def version() -> tuple[str, str]:
+            with sessions() as s:
+                return pages.task_version(s, pk, task_id, instance)[:2]
+
+        return announce(f"{pipeline}/{batch_id}/{task}", version)
 
     # -- actions --------------------------------------------------------------------------
 
@@ -415,6 +455,7 @@ def create_app(config: UiConfig) -> Starlette:
         Route(batch_path + "/cancel", action("cancel"), methods=["POST"]),
         Route(batch_path + "/tasks/{task}", task),
         Route(batch_path + "/tasks/{task}/fragment", task_fragment),
+        Route(batch_path + "/tasks/{task}/stream", task_stream),
         Mount("/static", StaticFiles(packages=[("orchestrator.ui", "static")]), name="static"),
     ]
 

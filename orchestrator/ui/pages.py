@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,7 @@ import yaml
 from sqlalchemy.orm import Session
 
 from orchestrator import queries
+from orchestrator.errors import NotFound
 from orchestrator.status import BATCH_TERMINAL, FAILED, OPEN
 from orchestrator.ui import layout, reads
 from orchestrator.ui.urls import task_url
@@ -25,6 +27,15 @@ from orchestrator.ui.urls import task_url
 GRAPH_LIMIT = 300  # tasks; a larger DAG is a table, not a picture
 TIMELINE_LIMIT = 200  # attempts drawn in the batch's timeline (a scrolling box)
 TASK_ATTEMPTS_LIMIT = 200
+# What the task page shows of the attempts' stories, whatever was stored: the log and
+# traceback of the last few attempts only (earlier ones show their error), each log
+# at most so many lines and characters (its first and last ones, the cut marked).
+LOG_ATTEMPTS = 5
+LOG_LINES = 1000
+LOG_CHARS = 96 * 1024
+LINE_CHARS = 4000
+TRACEBACK_CHARS = 48 * 1024
+ERROR_CHARS = 4000
 TABLE_PAGE = 200  # task rows per page of the batch's table
 EVENTS_PAGE = 500
 TASK_EVENTS_LIMIT = 200
@@ -49,6 +60,15 @@ def first_line(text: str | None, limit: int = ERROR_PREVIEW) -> str:
         return ""
     line = text.strip().splitlines()[0]
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def clip_text(text: str | None, limit: int) -> str | None:
+    """Text of at most about `limit` characters: its head and its tail, the cut said."""
+    if text is None or len(text) <= limit:
+        return text
+    half = limit // 2
+    return (f"{text[:half]}\n… {len(text) - 2 * half:,} characters not shown here …\n"
+            f"{text[-half:]}")
 
 
 def pretty_json(value: Any) -> str:
@@ -104,6 +124,10 @@ class BatchPage:
         return self.status in TERMINAL_BATCH
 
     @property
+    def following(self) -> bool:
+        return not self.finished
+
+    @property
     def failed_tasks(self) -> int:
         return sum(n for st, n in self.doc["counts"].items() if st in FAILED_TASK)
 
@@ -151,7 +175,8 @@ def load_timeline(s: Session, page: BatchPage) -> dict[str, Any]:
     created = datetime.fromisoformat(page.doc["created_at"])
     end = datetime.fromisoformat(page.doc["finished_at"]) if page.doc["finished_at"] else page.now
     chart = layout.timeline(
-        [(a.label, task_url(page.pipeline, page.batch_id, a.task), a.started_at, a.finished_at,
+        [(a.label, task_url(page.pipeline, page.batch_id, a.task, a.map_index), a.started_at,
+          a.finished_at,
           a.outcome, f"{a.label}: {a.outcome}"
                      + (f", {layout.seconds(a.duration_s)}" if a.duration_s is not None else "")
                      + (f" — {first_line(a.error, 200)}" if a.error else ""))
@@ -191,28 +216,149 @@ class TaskPage:
     batch_id: str
     pk: int
     batch_status: str
-    version: int
+    version: str  # what the live stream announces: the page is current while it holds
     task: reads.TaskDetail
     now: datetime
+    instance: int | None = None  # the attempts of one instance of a mapped task
+    running: bool = False  # an attempt of the task (or instance) is running now
 
     @property
     def finished(self) -> bool:
         return self.batch_status in TERMINAL_BATCH
 
+    @property
+    def following(self) -> bool:
+        """Whether the page listens for changes: while its batch runs, and while an
+        attempt still runs after the batch ended (its last lines are still to come)."""
+        return not self.finished or self.running
 
-def task_page(s: Session, pipeline: str, batch_id: str, task: str, now: datetime) -> TaskPage:
+
+def task_version(s: Session, pk: int, task_id: int, instance: int | None) -> tuple[str, str, bool]:
+    """(version, batch status, running): a task page's version moves with its batch
+    (every transition) and with the log of its running attempt, saved every few
+    seconds while the handler runs. Three index lookups."""
+    newest, status = reads.batch_version(s, pk)
+    stamp = reads.log_stamp(s, pk, task_id, instance)
+    if stamp is None:
+        return str(newest), status, False
+    return f"{newest}.{int(stamp.timestamp() * 1000)}", status, True
+
+
+def task_page(s: Session, pipeline: str, batch_id: str, task: str, now: datetime,
+              instance: int | None = None) -> TaskPage:
     pk = reads.batch_key(s, pipeline, batch_id)[0]
-    version, status = reads.batch_version(s, pk)
-    return TaskPage(pipeline, batch_id, pk, status, version, reads.task_detail(s, pk, task), now)
+    detail = reads.task_detail(s, pk, task)
+    if instance is not None and not reads.has_instance(s, pk, detail.task_id, instance):
+        raise NotFound(f"{task} has no instance {instance}" if detail.mapped
+                       else f"{task} is not a mapped task: it has no instances")
+    version, status, running = task_version(s, pk, detail.task_id, instance)
+    return TaskPage(pipeline, batch_id, pk, status, version, detail, now, instance, running)
 
 
 def load_task_summary(s: Session, page: TaskPage) -> dict[str, Any]:
     return {"why": queries.why(s, page.batch_id, page.task.name, page.now, page.pipeline)}
 
 
+@dataclass
+class LogLine:
+    at: str  # HH:MM:SS.mmm (UTC)
+    at_full: str
+    stream: str  # stdout, stderr, log, orchestrator (anything else: "other")
+    level: str | None  # for log records: DEBUG … CRITICAL as recorded
+    logger: str | None  # a module's own logger (ctx.log's needs no name)
+    text: str
+
+    @property
+    def css(self) -> str:
+        css = f"ln ln-{self.stream}"
+        if self.level and self.level.lower() in LEVELS:
+            css += f" lv-{self.level.lower()}"
+        return css
+
+
+@dataclass
+class LogView:
+    head: list[LogLine]
+    tail: list[LogLine] = field(default_factory=list)  # after the lines left out
+    hidden: int = 0  # lines between the head and the tail that the page leaves out
+    hidden_chars: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.head) + len(self.tail) + self.hidden
+
+
+STREAMS = frozenset({"stdout", "stderr", "log", "orchestrator"})
+LEVELS = frozenset({"debug", "info", "warning", "error", "critical"})
+TASK_LOGGER = "orchestrator.task"
+
+
+def _log_line(entry: Any) -> LogLine:
+    if not isinstance(entry, dict):
+        entry = {"line": entry}
+    at = str(entry.get("at") or "")
+    stream = str(entry.get("stream") or "")
+    level = entry.get("level")
+    logger = entry.get("logger")
+    text = str(entry.get("line", ""))
+    if len(text) > LINE_CHARS:
+        text = f"{text[:LINE_CHARS]}… ({len(text) - LINE_CHARS:,} more characters not shown)"
+    return LogLine(at=at[11:23] if len(at) >= 23 else at, at_full=at,
+                   stream=stream if stream in STREAMS else "other",
+                   level=str(level) if level else None,
+                   logger=str(logger) if logger and not str(logger).startswith(TASK_LOGGER)
+                   else None,
+                   text=text)
+
+
+def log_view(entries: list[Any], lines: int = LOG_LINES, chars: int = LOG_CHARS) -> LogView:
+    """The lines of a stored log that a page shows: all of them, or (past `lines` lines
+    or `chars` characters) its first and its last ones, as the worker keeps them."""
+    costs = [min(len(str(e.get("line", "")) if isinstance(e, dict) else str(e)), LINE_CHARS)
+             for e in entries]
+    if len(entries) <= lines and sum(costs) <= chars:
+        return LogView([_log_line(e) for e in entries])
+    head, used = 0, 0
+    while head < len(entries) and head < lines // 2 and used + costs[head] <= chars // 2:
+        used += costs[head]
+        head += 1
+    tail, room = 0, chars - used
+    while (tail < len(entries) - head and head + tail < lines
+           and costs[len(entries) - 1 - tail] <= room):
+        room -= costs[len(entries) - 1 - tail]
+        tail += 1
+    hidden = range(head, len(entries) - tail)
+    return LogView([_log_line(e) for e in entries[:head]],
+                   [_log_line(e) for e in entries[len(entries) - tail:]],
+                   hidden=len(hidden), hidden_chars=sum(costs[k] for k in hidden))
+
+
+@dataclass
+class AttemptView:
+    a: reads.Attempt
+    error: str | None
+    traceback: str | None
+    log: LogView | None  # None: not shown on this page (an earlier attempt)
+    open: bool  # its story is unfolded when the page opens
+
+
 def load_attempts(s: Session, page: TaskPage) -> dict[str, Any]:
-    rows, more = reads.attempts(s, page.pk, page.task.task_id, limit=TASK_ATTEMPTS_LIMIT)
-    return {"attempts": rows, "more": more}
+    rows, more = reads.task_attempts(s, page.pk, page.task.task_id, page.task.name,
+                                     instance=page.instance, limit=TASK_ATTEMPTS_LIMIT,
+                                     bodies=LOG_ATTEMPTS)
+    newest = max((i for i, a in enumerate(rows) if a.log is not None), default=None)
+    views = [AttemptView(
+        a=a, error=clip_text(a.error, ERROR_CHARS),
+        traceback=clip_text(a.traceback, TRACEBACK_CHARS),
+        log=log_view(a.log) if a.log is not None else None,
+        open=i == newest or a.outcome == "RUNNING",
+    ) for i, a in enumerate(rows)]
+    instance = f"{page.task.name}[{page.instance}]" if page.instance is not None else None
+    shown = instance or (f"{page.task.name}[N]" if page.task.mapped else page.task.name)
+    command = " ".join(shlex.quote(p) for p in ("orchestrator", "logs", page.batch_id, shown,
+                                                "--pipeline", page.pipeline))
+    return {"attempts": views, "more": more, "instance": instance, "command": command,
+            "log_attempts": LOG_ATTEMPTS}
 
 
 def load_task_data(s: Session, page: TaskPage) -> dict[str, Any]:
@@ -259,8 +405,6 @@ def pipeline_page(s: Session, name: str, now: datetime, version: int | None = No
     shown = version if version is not None else info.version
     tasks = reads.pipeline_tasks(s, info.id, shown)
     if not tasks:
-        from orchestrator.errors import NotFound
-
         raise NotFound(f"pipeline {name!r} has no version {shown}")
     return PipelinePage(info, shown, now, tasks)
 

@@ -3,13 +3,16 @@ never writes.
 
 What the CLI shows too (a batch's status, `why`, the pipeline's tasks) comes from
 `orchestrator.queries`, so the two never disagree; this module adds what only a page
-needs: the filtered batch list, the recent-run marks, attempts for the timeline, the
-pages of a long event history, one task's full row, a pipeline's versions.
+needs: the filtered batch list, the recent-run marks, attempts for the timeline, each
+attempt of a task with its log and traceback, the pages of a long event history, one
+task's full row, a pipeline's versions.
 
 Every statement is bounded by an index and a limit, whatever the size of the task log:
 a page never reads more rows than it shows, except the batch page, which reads its
 batch's task rows once (through `queries.batch_status`) for the counts, the graph and
-the topological order of the table.
+the topological order of the table; and a task page, which reads the whole stored log
+of the few attempts it shows (as bounded by the worker, `attempt_log_bytes`) and shows
+its first and last lines.
 """
 
 from __future__ import annotations
@@ -23,12 +26,21 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskEvent, TaskLog
+from orchestrator.db.models import (
+    Batch,
+    Pipeline,
+    Task,
+    TaskAttempt,
+    TaskDependency,
+    TaskEvent,
+    TaskLog,
+)
 from orchestrator.errors import NotFound
 from orchestrator.status import BatchStatus, TaskStatus
 
 BATCH_STATUSES = tuple(s.value for s in BatchStatus)
 TASK_STATUSES = tuple(s.value for s in TaskStatus)
+RUNNING_RECORD = "RUNNING"  # a task_attempts row whose attempt has not ended
 
 
 def _value(v: Any) -> Any:
@@ -238,13 +250,33 @@ class Attempt:
     attempt: int
     started_at: datetime
     finished_at: datetime | None
-    outcome: str  # the status the attempt left RUNNING for, or RUNNING
+    # The status the attempt left RUNNING for, or RUNNING; with a record, what its end
+    # did to the task (SUCCESS, RETRYING, ERROR) or DISCARDED (it came too late).
+    outcome: str
     error: str | None
+    # False: the attempt ended while QUEUED, without running (a circuit breaker
+    # deferred it, or its message was dead-lettered before any worker claimed it).
+    ran: bool = True
+    note: str | None = None  # what the attempt did besides running ("expanded into 4")
+    # From its `task_attempts` record, when it ran a handler:
+    record_id: int | None = None
+    worker: str | None = None
+    log_dropped: int = 0
+    traceback: str | None = None
+    log: list[dict[str, Any]] | None = None  # None: not read (or no record)
+
+    @property
+    def name(self) -> str:
+        return self.task if self.map_index is None else f"{self.task}[{self.map_index}]"
 
     @property
     def label(self) -> str:
-        name = self.task if self.map_index is None else f"{self.task}[{self.map_index}]"
-        return f"{name} #{self.attempt}"
+        return f"{self.name} #{self.attempt}"
+
+    @property
+    def key(self) -> str:
+        """An id for the page (an anchor, and what the script keeps across a refresh)."""
+        return f"{self.attempt}" if self.map_index is None else f"{self.map_index}-{self.attempt}"
 
     @property
     def duration_s(self) -> float | None:
@@ -253,11 +285,23 @@ class Attempt:
         return (self.finished_at - self.started_at).total_seconds()
 
 
+def _detail_index(detail: dict[str, Any] | None) -> int | None:
+    index = (detail or {}).get("map_index")
+    return index if isinstance(index, int) else None
+
+
 def attempts(session: Session, pk: int, task_id: int | None = None,
-             limit: int = 1000) -> tuple[list[Attempt], bool]:
+             limit: int = 1000, *, instance: int | None = None,
+             not_run: bool = False) -> tuple[list[Attempt], bool]:
     """Every run of a task (or of the whole batch), oldest first, from the transitions
     into and out of RUNNING: start, end, how it ended and with what error. At most
-    `limit` attempts; the flag says whether more exist."""
+    `limit` attempts; the flag says whether more exist.
+
+    `instance` keeps one instance of a mapped task; `not_run` adds the attempts that
+    ended while QUEUED (deferred, or dead-lettered) as attempts that did not run."""
+    ends_queued = and_(TaskEvent.from_status == TaskStatus.QUEUED.value,
+                       TaskEvent.to_status.in_([TaskStatus.RETRYING.value,
+                                                TaskStatus.ERROR.value]))
     stmt = (
         select(TaskEvent.task_id, TaskEvent.attempt, TaskEvent.from_status,
                TaskEvent.to_status, TaskEvent.at, TaskEvent.detail, Task.name)
@@ -265,28 +309,111 @@ def attempts(session: Session, pk: int, task_id: int | None = None,
         .where(TaskEvent.batch_pk == pk,
                or_(TaskEvent.to_status == TaskStatus.RUNNING.value,
                    TaskEvent.from_status == TaskStatus.RUNNING.value,
-                   TaskEvent.to_status == TaskStatus.CANCELLED.value))
+                   TaskEvent.to_status == TaskStatus.CANCELLED.value,
+                   *((ends_queued,) if not_run else ())))
         .order_by(TaskEvent.id)
     )
     if task_id is not None:
         stmt = stmt.where(TaskEvent.task_id == task_id)
+    if instance is not None:
+        stmt = stmt.where(TaskEvent.detail["map_index"].as_integer() == instance)
     # Two events per attempt, and a little slack for cancellations.
     rows = session.execute(stmt.limit(2 * limit + 2)).all()
     open_: dict[tuple[int, int | None, int], Attempt] = {}
     done: list[Attempt] = []
     for r in rows:
-        index = (r.detail or {}).get("map_index")
-        index = index if isinstance(index, int) else None
+        detail = r.detail or {}
+        index = _detail_index(detail)
         key = (r.task_id, index, r.attempt or 0)
-        if r.to_status == TaskStatus.RUNNING.value:
+        error = detail.get("error") or detail.get("reason") or detail.get("deferred")
+        if r.from_status == r.to_status == TaskStatus.RUNNING.value:
+            # A mapped task's expansion: the same attempt, now waiting for its instances.
+            if key in open_ and isinstance(detail.get("map_instances"), int):
+                open_[key].note = f"expanded into {detail['map_instances']:,} instance(s)"
+        elif r.to_status == TaskStatus.RUNNING.value:
             open_[key] = Attempt(r.name, index, r.attempt or 0, r.at, None, "RUNNING", None)
             done.append(open_[key])
         elif key in open_:
             a = open_.pop(key)
             a.finished_at, a.outcome = r.at, r.to_status
-            err = (r.detail or {}).get("error") or (r.detail or {}).get("reason")
-            a.error = str(err) if err is not None else None
+            a.error = str(error) if error is not None else None
+        elif (r.from_status == TaskStatus.QUEUED.value
+              and r.to_status != TaskStatus.CANCELLED.value):
+            done.append(Attempt(r.name, index, r.attempt or 0, r.at, r.at, r.to_status,
+                                str(error) if error is not None else None, ran=False))
     return done[:limit], len(done) > limit
+
+
+def task_attempts(session: Session, pk: int, task_id: int, name: str, *,
+                  instance: int | None = None, limit: int = 200,
+                  bodies: int = 5) -> tuple[list[Attempt], bool]:
+    """Every attempt of one task (or of one instance), oldest first: what the worker
+    recorded of each (`task_attempts`: outcome, times, error, traceback, log) laid
+    over the transitions, which also know the attempts that ran no handler (a mapped
+    task's expansion, an attempt deferred or dead-lettered while queued) and end an
+    attempt whose worker never could (a dead letter, an expired lease, a cancel).
+
+    Only the last `bodies` attempts that ran a handler come with their traceback and
+    log, read by a statement of their own: a mapped task's thousand attempts cost
+    their short rows, never a thousand logs."""
+    spans, more = attempts(session, pk, task_id, limit, instance=instance, not_run=True)
+    stmt = (
+        select(TaskAttempt.id, TaskAttempt.map_index, TaskAttempt.attempt, TaskAttempt.outcome,
+               TaskAttempt.started_at, TaskAttempt.finished_at, TaskAttempt.error,
+               TaskAttempt.log_dropped, TaskAttempt.worker)
+        .where(TaskAttempt.batch_pk == pk, TaskAttempt.task_id == task_id)
+    )
+    if instance is not None:
+        stmt = stmt.where(TaskAttempt.map_index == instance)
+    elif more:
+        # The transitions were cut at `limit`: only the records of those attempts count.
+        stmt = stmt.where(TaskAttempt.map_index.in_(
+            sorted({-1 if a.map_index is None else a.map_index for a in spans})))
+    by_key = {(a.map_index, a.attempt): a for a in spans if a.ran}
+    found = list(spans)
+    for r in session.execute(stmt):
+        index = None if r.map_index < 0 else r.map_index
+        a = by_key.get((index, r.attempt))
+        if a is None:
+            if more:
+                continue
+            # A record with no transitions to match (never expected): shown as recorded.
+            a = Attempt(name, index, r.attempt, r.started_at, r.finished_at, r.outcome, None)
+            found.append(a)
+        a.started_at = r.started_at
+        if r.outcome != RUNNING_RECORD or a.outcome == TaskStatus.RUNNING.value:
+            a.finished_at, a.outcome = r.finished_at, r.outcome
+        # else: a record still RUNNING under a closed attempt lost its worker (a dead
+        # letter, an expired lease): the transition knows how the attempt ended.
+        a.record_id, a.worker, a.log_dropped = r.id, r.worker, int(r.log_dropped or 0)
+        if r.error is not None:
+            a.error = r.error
+    found.sort(key=lambda a: a.started_at)
+    more = more or len(found) > limit
+    found = found[:limit]
+    with_record = [a for a in found if a.record_id is not None][-bodies:] if bodies > 0 else []
+    if with_record:
+        texts = {r.id: r for r in session.execute(
+            select(TaskAttempt.id, TaskAttempt.traceback, TaskAttempt.log)
+            .where(TaskAttempt.id.in_([a.record_id for a in with_record])))}
+        for a in with_record:
+            t = texts.get(a.record_id)
+            if t is not None:
+                a.traceback, a.log = t.traceback, t.log if isinstance(t.log, list) else []
+    return found, more
+
+
+def log_stamp(session: Session, pk: int, task_id: int, instance: int | None = None
+              ) -> datetime | None:
+    """When a running attempt of the task last saved its log (None: none is running).
+    One lookup by the records' unique key: the live task page reads it every second."""
+    stmt = select(func.max(TaskAttempt.updated_at)).where(
+        TaskAttempt.batch_pk == pk, TaskAttempt.task_id == task_id,
+        TaskAttempt.outcome == RUNNING_RECORD)
+    if instance is not None:
+        stmt = stmt.where(TaskAttempt.map_index == instance)
+    value: datetime | None = session.execute(stmt).scalar()
+    return value
 
 
 @dataclass
@@ -350,6 +477,17 @@ class TaskDetail:
     children: list[tuple[str, str]] = field(default_factory=list)
 
 
+def task_key(session: Session, pk: int, task: str) -> int:
+    """The id of the batch's task named `task`; NotFound if it has none."""
+    found = session.execute(
+        select(Task.id).join(TaskLog, TaskLog.task_id == Task.id)
+        .where(TaskLog.batch_pk == pk, TaskLog.map_index == -1, Task.name == task)
+    ).scalar()
+    if found is None:
+        raise NotFound(f"no task {task!r} in this batch")
+    return int(found)
+
+
 def task_detail(session: Session, pk: int, task: str) -> TaskDetail:
     """One task's own row of the batch (not its instances), with its neighbours."""
     row = session.execute(
@@ -388,6 +526,13 @@ def task_detail(session: Session, pk: int, task: str) -> TaskDetail:
         ):
             target.append((name, _value(status)))
     return detail
+
+
+def has_instance(session: Session, pk: int, task_id: int, index: int) -> bool:
+    return session.execute(
+        select(TaskLog.id).where(TaskLog.batch_pk == pk, TaskLog.task_id == task_id,
+                                 TaskLog.map_index == index)
+    ).first() is not None
 
 
 @dataclass

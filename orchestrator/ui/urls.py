@@ -24,8 +24,18 @@ def batch_url(pipeline: str, batch_id: str, **args: object) -> str:
     return f"/pipelines/{_q(pipeline)}/batches/{_q(batch_id)}" + (f"?{query}" if query else "")
 
 
-def task_url(pipeline: str, batch_id: str, task: str) -> str:
-    return f"{batch_url(pipeline, batch_id)}/tasks/{_q(task)}"
+def task_url(pipeline: str, batch_id: str, task: str, instance: int | None = None) -> str:
+    """A task's page; with `instance`, its attempts are those of one mapped instance."""
+    return (f"{batch_url(pipeline, batch_id)}/tasks/{_q(task)}"
+            + (f"?instance={instance}" if instance is not None else ""))
+
+
+def task_live_urls(pipeline: str, batch_id: str, task: str,
+                   instance: int | None = None) -> tuple[str, str]:
+    """(stream, fragment) of a task's page."""
+    base = f"{batch_url(pipeline, batch_id)}/tasks/{_q(task)}"
+    query = f"?instance={instance}" if instance is not None else ""
+    return f"{base}/stream{query}", f"{base}/fragment{query}"
 
 
 def events_url(pipeline: str, batch_id: str, after: int | None = None) -> str:

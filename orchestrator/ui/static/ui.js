@@ -2,7 +2,6 @@
 // Pages work without it (forms post to a confirmation page; a reload shows news).
 "use strict";
 (function () {
-  const FINISHED = new Set(["SUCCESS", "FAILED", "CANCELLED"]);
   let source = null;
 
   function notice(text, bad) {
@@ -33,15 +32,54 @@
     template.innerHTML = await response.text();
     const fresh = template.content.querySelector("[data-live]");
     if (!fresh) return;
+    const kept = keep(region);
     region.replaceWith(fresh);
+    restore(kept);
     follow();
   }
 
-  // While the batch runs, listen for its changes; when it ends, stop.
+  // What a person did inside the region (a log folded or unfolded, a log scrolled)
+  // survives the swap; a log scrolled to its end keeps following its new lines.
+  function keep(region) {
+    const kept = new Map();
+    region.querySelectorAll("[data-keep][id]").forEach(function (el) {
+      kept.set(el.id, {
+        open: el.tagName === "DETAILS" ? el.open : null,
+        top: el.scrollTop,
+        atEnd: el.scrollHeight - el.scrollTop - el.clientHeight < 8,
+      });
+    });
+    return kept;
+  }
+
+  function restore(kept) {
+    kept.forEach(function (was, id) {
+      const el = document.getElementById(id);
+      if (!el) return;
+      if (was.open !== null) el.open = was.open;
+    });
+    kept.forEach(function (was, id) {
+      const el = document.getElementById(id);
+      if (!el || was.open !== null) return;
+      el.scrollTop = was.atEnd ? el.scrollHeight : was.top;
+    });
+    tail(kept);
+  }
+
+  // A running attempt's log opens at its last line, as `tail -f` would show it.
+  function tail(kept) {
+    document.querySelectorAll("[data-tail]").forEach(function (el) {
+      if (!kept || !kept.has(el.id)) el.scrollTop = el.scrollHeight;
+    });
+  }
+
+  // While the page can change, listen for its changes; then stop.
   function follow() {
     const region = live();
     if (!region) return;
-    const running = !FINISHED.has(region.dataset.status);
+    // The page says whether anything it shows can still change: a batch page while
+    // the batch runs, a task page also while an attempt outlives its batch.
+    const running = region.dataset.following === "1";
     if (!running) {
       if (source) { source.close(); source = null; }
       return;
@@ -113,9 +151,14 @@
     ask(form).then(function (ok) { if (ok) submit(form); });
   });
 
-  if (document.readyState === "loading") {
-    document.addEventListener("DOMContentLoaded", follow);
-  } else {
+  function start() {
+    tail(null);
     follow();
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
   }
 })();
