@@ -383,6 +383,60 @@ def test_a_running_attempts_saved_lines_move_its_page_which_stops_following_when
         assert client.get(task + "/stream?instance=x").status_code == 400
 
 
+def test_attempts_that_ran_no_handler_show_from_the_transitions(runtime, clock):
+    """A breaker's deferral and a dead letter while queued ran nothing; a dead letter
+    of a running attempt ends it, though its record (its worker died) says RUNNING."""
+    from orchestrator.db.session import transaction
+    from orchestrator.delivery import DEAD_LETTER_FROM
+    from orchestrator.engine import claim, fail, resolve_task, start_batch
+    from orchestrator.engine.attempts import AttemptRecord, save_log
+    from orchestrator.engine.maintenance import requeue_due
+    from orchestrator.engine.transitions import defer
+    from tests.ui_support import spec_from_edges, sync
+
+    sync(runtime.sessions, spec_from_edges("nr", {"t": [], "u": []}), clock.now())
+    transaction(runtime.sessions, lambda s: start_batch(s, "nr", "b1", {}, clock.now()))
+    dead = "dead-lettered after 5 delivery attempts"
+
+    def deferred(s: Session) -> None:
+        assert defer(s, resolve_task(s, "nr", "b1", "t"), 1, 30,
+                     "circuit breaker 'warehouse' is open; next try in 30s", clock.now()).applied
+
+    transaction(runtime.sessions, deferred)
+    later = clock.advance(31)
+    transaction(runtime.sessions, lambda s: requeue_due(s, later))
+
+    def ran_then_lost(s: Session) -> None:
+        row = resolve_task(s, "nr", "b1", "t")
+        assert row.attempt == 2 and claim(s, row, 2, later) is not None
+        save_log(s, row, 2, AttemptRecord(started_at=later, worker="w:9", log=[
+            {"at": later.isoformat(), "stream": "stdout", "line": "loading 3 files"}]), later)
+
+    transaction(runtime.sessions, ran_then_lost)
+    for task, attempt in (("t", 2), ("u", 1)):
+        transaction(runtime.sessions, lambda s, task=task, attempt=attempt: fail(
+            s, resolve_task(s, "nr", "b1", task), attempt, dead, clock.advance(1),
+            retry_delay_s=None, from_states=DEAD_LETTER_FROM))
+    from tests.ui_support import close
+
+    close(runtime.sessions, "nr", "b1", clock.advance(61))
+    with _client(runtime) as client:
+        t = client.get("/pipelines/nr/batches/b1/tasks/t").text
+        u = client.get("/pipelines/nr/batches/b1/tasks/u").text
+    # Its worker died with the record RUNNING: nothing more will come, so the page of
+    # the ended batch does not listen.
+    assert 'data-status="FAILED" data-following="0"' in t
+    first, second = re.findall(r'<article class="attempt".*?</article>', t, re.S)
+    assert 'data-attempt="1" data-outcome="RETRYING"' in first and "did not run" in first
+    assert "circuit breaker &#39;warehouse&#39; is open" in first
+    assert 'data-attempt="2" data-outcome="ERROR"' in second and dead in second
+    assert "loading 3 files" in second and "did not run" not in second
+    assert "still running" not in second and "data-tail" not in second
+    [only] = re.findall(r'<article class="attempt".*?</article>', u, re.S)
+    assert 'data-attempt="1" data-outcome="ERROR"' in only and "did not run" in only
+    assert dead in only and "<details" not in only
+
+
 def test_every_response_carries_a_strict_content_security_policy(runtime, clock):
     with _client(runtime) as client:
         for path in ("/", "/nowhere", "/static/ui.js"):

@@ -384,7 +384,7 @@ def create_app(config: UiConfig) -> Starlette:
 
         def version() -> tuple[str, str]:
             with sessions() as s:
-                return pages.task_version(s, pk, task_id, instance)[:2]
+                return pages.task_version(s, pk, task_id, instance, config.clock())[:2]
 
         return announce(f"{pipeline}/{batch_id}/{task}", version)
 

@@ -36,6 +36,9 @@ LOG_CHARS = 96 * 1024
 LINE_CHARS = 4000
 TRACEBACK_CHARS = 48 * 1024
 ERROR_CHARS = 4000
+# A task page follows an attempt that outlives its batch while it saves its log: one
+# silent for longer lost its worker.
+RUNNING_SILENT_S = 60.0
 TABLE_PAGE = 200  # task rows per page of the batch's table
 EVENTS_PAGE = 500
 TASK_EVENTS_LIMIT = 200
@@ -220,7 +223,7 @@ class TaskPage:
     task: reads.TaskDetail
     now: datetime
     instance: int | None = None  # the attempts of one instance of a mapped task
-    running: bool = False  # an attempt of the task (or instance) is running now
+    running: bool = False  # an attempt of the task (or instance) saved its log lately
 
     @property
     def finished(self) -> bool:
@@ -229,19 +232,25 @@ class TaskPage:
     @property
     def following(self) -> bool:
         """Whether the page listens for changes: while its batch runs, and while an
-        attempt still runs after the batch ended (its last lines are still to come)."""
+        attempt still runs after the batch ended (its last lines are yet to come)."""
         return not self.finished or self.running
 
 
-def task_version(s: Session, pk: int, task_id: int, instance: int | None) -> tuple[str, str, bool]:
+def task_version(s: Session, pk: int, task_id: int, instance: int | None,
+                 now: datetime) -> tuple[str, str, bool]:
     """(version, batch status, running): a task page's version moves with its batch
-    (every transition) and with the log of its running attempt, saved every few
-    seconds while the handler runs. Three index lookups."""
+    (every transition) and with the log of a running attempt, which its worker saves
+    every few seconds while the handler runs. Three index lookups.
+
+    `running` is whether an attempt saved its log lately: one still RUNNING after its
+    batch ended is a handler that was cancelled (its worker closes it within seconds)
+    or whose worker died (its record stays RUNNING for good, and is not followed)."""
     newest, status = reads.batch_version(s, pk)
     stamp = reads.log_stamp(s, pk, task_id, instance)
     if stamp is None:
         return str(newest), status, False
-    return f"{newest}.{int(stamp.timestamp() * 1000)}", status, True
+    lately = (now - stamp).total_seconds() <= RUNNING_SILENT_S
+    return f"{newest}.{int(stamp.timestamp() * 1000)}", status, lately
 
 
 def task_page(s: Session, pipeline: str, batch_id: str, task: str, now: datetime,
@@ -251,7 +260,7 @@ def task_page(s: Session, pipeline: str, batch_id: str, task: str, now: datetime
     if instance is not None and not reads.has_instance(s, pk, detail.task_id, instance):
         raise NotFound(f"{task} has no instance {instance}" if detail.mapped
                        else f"{task} is not a mapped task: it has no instances")
-    version, status, running = task_version(s, pk, detail.task_id, instance)
+    version, status, running = task_version(s, pk, detail.task_id, instance, now)
     return TaskPage(pipeline, batch_id, pk, status, version, detail, now, instance, running)
 
 
