@@ -25,10 +25,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator import queries
 from orchestrator.db.models import TaskEvent
 from orchestrator.db.session import make_engine, make_sessionmaker
+from orchestrator.errors import NotFound
 from tests.ui_support import HOSTILE
 
 pytestmark = pytest.mark.browser
@@ -243,9 +245,11 @@ def test_the_task_page_says_why_and_shows_the_error_and_the_json(server, page, s
     assert page.locator("#why").inner_text().startswith(
         "load_expenses: failed on attempt 1/3 at ")
     assert "has no column amount" in page.locator("#error").inner_text()
-    assert page.locator('#attempts tr[data-attempt="1"] .status').inner_text() == "ERROR"
+    attempt = page.locator('#attempts article[data-attempt="1"]')
+    assert attempt.locator(".status").inner_text() == "ERROR"
+    assert "has no column amount" in attempt.locator('[data-role="error"]').inner_text()
     assert "expenses/2024-04/_SUCCESS" in page.locator("#input").inner_text()
-    _shot(page, shots, "task")
+    _shot(page, shots, "task-load")
     page.goto(server.url + APRIL + "/tasks/calculate_profit")
     assert "will not run: upstream load_expenses failed with" in page.locator("#why").inner_text()
 
@@ -333,6 +337,12 @@ def test_a_task_error_with_markup_shows_as_text_and_runs_nothing(read_only_serve
     page.goto(server.url + "/pipelines/hostile/batches/b1/tasks/load_a")
     assert page.locator("#error").inner_text() == HOSTILE
     assert page.locator("#error img, #error script").count() == 0
+    # The attempt's error, the line it wrote on stderr and its traceback: text too.
+    attempt = page.locator('#attempts article[data-attempt="1"]')
+    assert attempt.locator('[data-role="error"]').inner_text() == HOSTILE
+    assert attempt.locator(".log .ln-stderr .tx").inner_text() == HOSTILE
+    assert attempt.locator("pre.traceback").inner_text().rstrip().endswith("\n" + HOSTILE)
+    assert page.locator("#attempts img, #attempts script").count() == 0
     page.goto(server.url + "/pipelines/hostile/batches/b1")
     assert HOSTILE in page.locator("#summary").inner_text()  # the param
     assert page.locator('tr[data-task="load_a"] .error-line').inner_text() == HOSTILE
@@ -368,3 +378,108 @@ def test_a_batch_of_10000_tasks_opens_paged_with_its_counts(read_only_server, pa
     page.wait_for_url("**status=ERROR*")
     assert page.locator("#tasks tr[data-status=ERROR]").count() == 200
     _shot(page, shots, "batch-10k", full_page=False)
+
+
+# -- a task's attempts: traceback, lines, live ---------------------------------------------
+
+ORDERS = "/pipelines/orders/batches/2024-04/tasks/enrich"
+STDERR_RED = "rgb(252, 165, 165)"  # .log .ln-stderr in ui.css
+WARNING_AMBER = "rgb(252, 211, 77)"
+
+
+def _colour(locator: Any) -> str:
+    return str(locator.evaluate("e => getComputedStyle(e).color"))
+
+
+def test_a_failed_python_task_shows_its_traceback_and_the_lines_it_printed(
+        read_only_server, page, shots):
+    page.goto(read_only_server.url + "/pipelines/orders/batches/2024-04")
+    _node(page, "enrich").locator("a").click()
+    page.wait_for_url(f"**{ORDERS}")
+    assert page.locator("#attempts article.attempt").count() == 2
+    last = page.locator('#attempts article[data-attempt="2"]')
+    assert last.get_attribute("data-outcome") == "ERROR"
+    # The newest attempt is unfolded: its lines, each coloured by where it came from.
+    log = last.locator(".log")
+    assert log.is_visible()
+    assert [ln.inner_text().split(" ", 1)[1] for ln in log.locator(".ln").all()] == [
+        "stdout reading 1200 rows from extract",
+        "INFO joining 1200 rows with customers",
+        "WARNING vendor.currency: slow response from the currency API (2.3 s)",
+        "stderr DeprecationWarning: 'currency' is deprecated, use 'currency_code'"]
+    assert _colour(log.locator(".ln-stderr .tx")) == STDERR_RED
+    assert _colour(log.locator(".ln.lv-warning .tx")) == WARNING_AMBER
+    traceback = last.locator("pre.traceback")
+    assert traceback.is_visible()
+    text = traceback.inner_text()
+    assert text.startswith("Traceback (most recent call last):")
+    assert 'uitasks.py", line 15, in _amount' in text
+    assert text.rstrip().endswith("KeyError: 'amount'")
+    assert "KeyError: 'amount' (at " in last.locator('[data-role="error"]').inner_text()
+    # The first attempt's story is folded; one click shows it.
+    first = page.locator('#attempts article[data-attempt="1"]')
+    assert first.get_attribute("data-outcome") == "RETRYING"
+    assert not first.locator("pre.traceback").is_visible()
+    first.locator("summary").click()
+    assert first.locator("pre.traceback").is_visible()
+    first.locator("summary").click()
+    page.locator("#attempts").scroll_into_view_if_needed()
+    _shot(page, shots, "task")
+
+
+# Counts the page's event sources, to see them closed.
+WATCH_SOURCES = """(() => {
+  const Native = window.EventSource;
+  window.__sources = [];
+  window.EventSource = class extends Native {
+    constructor(url, init) { super(url, init); window.__sources.push(this); }
+  };
+})();"""
+
+
+def test_a_running_tasks_lines_appear_as_it_prints_them_and_the_page_then_stops_listening(
+        read_only_server, other_home, page, shots):
+    """Another process runs the task (as a worker in the cloud would); the page shows
+    its lines as the worker saves them, then its end, without a reload."""
+    page.add_init_script(WATCH_SOURCES)
+    log = other_home.parent / "live-run.log"
+    with log.open("w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "tests.ui_prepare", str(other_home),
+                                "live"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        sessions = _sessions(other_home)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with sessions() as s:
+                    doc = queries.batch_status(s, "live-1", "ticker")
+                if doc["tasks"][0]["status"] == "RUNNING":
+                    break
+            except (NotFound, SQLAlchemyError):  # not started yet, or the file is busy
+                pass
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        page.goto(read_only_server.url + "/pipelines/ticker/batches/live-1/tasks/tick")
+        page.evaluate("window.__sameDocument = true")
+        running = page.locator('#attempts article[data-outcome="RUNNING"]')
+        running.locator(".log .ln").first.wait_for(timeout=30_000)
+        shown = running.locator(".log .ln").count()
+        assert 0 < shown < 30  # some of its lines, while it runs
+        _shot(page, shots, "task-running")
+        done = page.locator('#attempts article[data-attempt="1"][data-outcome="SUCCESS"]')
+        done.wait_for(timeout=30_000)
+        lines = done.locator(".log .ln .tx")
+        assert lines.count() == 30 and lines.last.inner_text() == "tick 29"
+        assert page.evaluate("window.__sameDocument") is True  # updated in place
+        # The log followed its last line; the page no longer listens.
+        assert done.locator(".log").evaluate(
+            "e => e.scrollHeight > e.clientHeight && "
+            "e.scrollHeight - e.scrollTop - e.clientHeight < 8")
+        states = page.evaluate("window.__sources.map(s => [s.url, s.readyState])")
+        assert states and all(url.endswith("/tasks/tick/stream") and state == 2
+                              for url, state in states), states
+        assert run.wait(60) == 0, log.read_text()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
