@@ -255,7 +255,8 @@ def test_the_task_page_shows_each_attempts_lines_by_stream_and_its_traceback(
 def test_a_huge_log_and_many_attempts_leave_the_task_page_bounded(runtime, clock):
     """However much was stored (`attempt_log_bytes` is the user's to raise): the log and
     traceback of the last five attempts only, each log its first and last lines up to
-    1,000 lines and 96 KiB, each traceback its head and tail up to 48 KiB."""
+    1,000 lines and 96 KiB, each traceback its head and tail up to 48 KiB, an error up
+    to 4,000 characters (500 for an attempt shown without its log)."""
     from orchestrator.db.session import transaction
     from orchestrator.engine import claim, fail, resolve_task, start_batch
     from orchestrator.engine.attempts import AttemptRecord, finish
@@ -277,7 +278,8 @@ def test_a_huge_log_and_many_attempts_leave_the_task_page_bounded(runtime, clock
             fail(s, row, n, f"boom {n}", now, retry_delay_s=None if last else 0)
             finish(s, row, n, AttemptRecord(
                 started_at=now, finished_at=now, outcome="ERROR" if last else "RETRYING",
-                error=f"boom {n}", traceback=("T" * 300_000 if last else f"trace {n}"),
+                error=f"boom {n} " + "!" * 7000,
+                traceback=("T" * 300_000 if last else f"trace {n}"),
                 log=huge if last else [{"at": at, "stream": "stdout", "line": f"try {n}"}]),
                 now)
 
@@ -293,6 +295,7 @@ def test_a_huge_log_and_many_attempts_leave_the_task_page_bounded(runtime, clock
         article = re.search(rf'id="attempt-{n}".*?</article>', text, re.S).group(0)
         assert f"boom {n}" in article and "orchestrator logs b1 t --pipeline long " \
             f"--attempt {n}</code>" in article and "try " not in article
+        assert "characters not shown here" in article and len(article) < 2000
     last = re.search(r'id="attempt-8".*?</article>', text, re.S).group(0)
     lines = re.findall(r'<div class="ln ln-stdout"><time>[^<]*</time> <span class="tag">stdout'
                        r'</span> <span class="tx">line (\d+) ', last)
@@ -303,6 +306,9 @@ def test_a_huge_log_and_many_attempts_leave_the_task_page_bounded(runtime, clock
     assert "&lt;x&gt;" in last and "<x>" not in last
     traceback = re.search(r'<pre class="traceback"[^>]*>(.*?)</pre>', last, re.S).group(1)
     assert len(traceback) < 50 * 1024 and "characters not shown here" in traceback
+    error = re.search(r'<pre class="error-text small" data-role="error">(.*?)</pre>', last,
+                      re.S).group(1)
+    assert 4000 < len(error) < 4100 and "characters not shown here" in error
 
 
 def test_a_log_view_keeps_its_first_and_last_lines_within_both_bounds():

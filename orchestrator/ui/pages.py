@@ -36,6 +36,7 @@ LOG_CHARS = 96 * 1024
 LINE_CHARS = 4000
 TRACEBACK_CHARS = 48 * 1024
 ERROR_CHARS = 4000
+ERROR_SHORT_CHARS = 500  # of an attempt shown without its log
 # A task page follows an attempt that outlives its batch while it saves its log: one
 # silent for longer lost its worker.
 RUNNING_SILENT_S = 60.0
@@ -357,7 +358,7 @@ def load_attempts(s: Session, page: TaskPage) -> dict[str, Any]:
                                      bodies=LOG_ATTEMPTS)
     newest = max((i for i, a in enumerate(rows) if a.log is not None), default=None)
     views = [AttemptView(
-        a=a, error=clip_text(a.error, ERROR_CHARS),
+        a=a, error=clip_text(a.error, ERROR_CHARS if a.log is not None else ERROR_SHORT_CHARS),
         traceback=clip_text(a.traceback, TRACEBACK_CHARS),
         log=log_view(a.log) if a.log is not None else None,
         open=i == newest or a.outcome == "RUNNING",
