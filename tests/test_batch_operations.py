@@ -355,6 +355,32 @@ def test_a_cancel_that_finds_every_task_finished_leaves_the_batch_to_its_close(
     assert wrong == [], f"{len(wrong)}/{TRIALS // 2} wrong: {wrong[:5]}"
 
 
+def test_a_cancel_that_waited_for_the_last_tasks_success_leaves_the_batch_to_its_close(
+        pg_sessions: sessionmaker[Session], pool: ThreadPoolExecutor) -> None:
+    """The cancel reads the last task open, then waits for its row while the worker
+    commits SUCCESS: nothing is left to cancel, so the batch must not end CANCELLED."""
+    t = CancelCloseTrial(pg_sessions)
+    t.n += 1000
+    batch_id = f"k{t.n}"
+
+    def running(s: Session) -> engine.Claimed:
+        engine.start_batch(s, t.PIPELINE, batch_id, {}, datetime_now())
+        return claimed(s, t.PIPELINE, batch_id, "only")
+
+    only = tx(pg_sessions, running)
+    worker = Held(pg_sessions)
+    assert worker.run(lambda s: engine.succeed(s, only.row, 1, {}, datetime_now())).applied
+    cancel = run_until_blocked_or_done(
+        pg_sessions, pool,
+        lambda s: engine.cancel_batch(s, t.PIPELINE, batch_id, datetime_now()))
+    assert not cancel.done(), "the cancel did not wait for the task's row"
+    worker.commit()
+    cancelled = cancel.result(timeout=30)
+    closed = tx(pg_sessions, lambda s: engine.close_batch_if_done(
+        s, only.row.batch_pk, datetime_now()))
+    assert t.verdict(only.row.batch_pk, cancelled, closed) == "ok"
+
+
 # -- retry racing the batch's close --------------------------------------------------
 
 

@@ -139,6 +139,10 @@ def cancel_batch(session: Session, pipeline: str, batch_id: str, now: datetime,
         .returning(TaskLog.task_id, TaskLog.attempt)
         .execution_options(synchronize_session=False)
     ).all()
+    if not rows:
+        # The open rows finished while their locks were awaited (a worker committing
+        # the last SUCCESS): as above, the batch is left to its close.
+        return 0
     changed = session.connection().execute(
         update(Batch).where(Batch.id == batch.id, Batch.status == BatchStatus.RUNNING)
         .values(status=final, finished_at=now)
