@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import sys
 import threading
 import time
@@ -119,14 +120,23 @@ def _import_traceback(exc: BaseException) -> str:
     return "".join(te.format(chain=False))
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
 def _skip_own(tb: Any) -> Any:
-    """From the handler's own frame on: the worker's frames above it say nothing
-    about the task."""
+    """From the user's own code on, when the error passed through it (a `python`
+    task): the orchestrator's frames above it say nothing about the task. Otherwise
+    from the handler's own frame on (a load or SQL step has no user frame)."""
     start, cur = tb, tb
     while cur is not None:
         code = cur.tb_frame.f_code
         if code.co_filename == __file__ and code.co_name == "run_handler":
             start = cur.tb_next
+        cur = cur.tb_next
+    cur = start
+    while cur is not None:
+        if not os.path.abspath(cur.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+            return cur
         cur = cur.tb_next
     return start
 

@@ -86,6 +86,10 @@ def test_task_test_prints_the_traceback_of_a_failure(project: Path) -> None:
     result = cli("task", "test", "orders", "load", "--param", "region=south", code=1)
     assert result.stdout == ""
     assert 'order_tasks.py", line 2, in load' in result.stderr
+    # The traceback starts in the user's own code: the orchestrator's frames above it
+    # (the python handler calling the function) say nothing about the task.
+    frames = [line for line in result.stderr.splitlines() if line.lstrip().startswith("File ")]
+    assert frames and all("order_tasks.py" in f for f in frames), frames
     assert result.stderr.rstrip().endswith(
         "error: RuntimeError: cannot load south (at "
         f"{(project / 'pipelines' / 'order_tasks.py').resolve()}:2 in load)")
