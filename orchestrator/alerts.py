@@ -237,6 +237,8 @@ class Alerts:
         if batch is None:
             return None
         pipeline, batch_id, detail = ev["pipeline"], ev["batch_id"], ev.get("detail") or {}
+        if kind in ("task_failed", "batch_failed") and _undone(s, batch.batch_pk, ev):
+            return None
         if kind == "task_failed":
             task = ev["task"]
             doc = document(kind, pipeline, batch_id, task,
@@ -341,6 +343,21 @@ def _kind_of(ev: dict[str, Any]) -> str | None:
     if ev["status"] == "FAILED":
         return "deadline_missed" if (ev.get("detail") or {}).get("deadline_at") else "batch_failed"
     return "batch_succeeded" if ev["status"] == "SUCCESS" else None
+
+
+def _undone(session: Session, batch_pk: int, ev: dict[str, Any]) -> bool:
+    """A failure already retried by the time the sweep reads it (the task's row has
+    moved past that attempt, or the batch is no longer FAILED) pages no one: the
+    problem it names is being handled, and the rerun's own failure alerts if it fails."""
+    if ev["type"] == "task":
+        row = session.execute(
+            select(TaskLog.status, TaskLog.attempt).join(Task, Task.id == TaskLog.task_id)
+            .where(TaskLog.batch_pk == batch_pk, Task.name == ev["task"],
+                   TaskLog.map_index == -1)
+        ).first()
+        return row is None or (row[0], row[1]) != ("ERROR", ev["attempt"])
+    status = session.execute(select(Batch.status).where(Batch.id == batch_pk)).scalar_one()
+    return bool(status != "FAILED")
 
 
 def _first_failure(session: Session, batch_pk: int) -> tuple[str, str | None] | None:

@@ -123,6 +123,50 @@ def test_a_failure_alerts_once_per_kind_with_the_error_and_the_command(
     assert set(receiver.received[0]["body"]) == {"text"}  # Slack-compatible, nothing else
 
 
+HEALED: list[bool] = []
+
+
+def heals(ctx: TaskContext) -> dict[str, Any]:
+    if not HEALED:
+        raise PermanentError("the source table is empty")
+    return {}
+
+
+@pytest.mark.postgres
+def test_a_failure_retried_before_the_sweep_read_it_pages_no_one(
+        pg_sessions: sessionmaker[Session], clock: FakeClock, published: RecordingPublisher,
+        receiver: WebhookReceiver) -> None:
+    """The batch failed and was retried (successfully) before the next sweep: the
+    failure is already handled, so no task_failed or batch_failed alert is sent for it.
+    A rerun that fails again alerts, once."""
+    router = make_router(pg_sessions, published, clock, {"webhook": WebhookSink(receiver.url)},
+                         events=("batch_failed", "task_failed"))
+    transaction(pg_sessions, lambda s: sync_pipeline(s, pipeline(fail="heals"), clock.now()))
+    HEALED.clear()
+    for batch_id, heal in (("2024-04", True), ("2024-05", False)):
+        run_batch(router, published, "sales", batch_id)
+        with pg_sessions() as s:
+            assert s.execute(select(Batch.status).where(Batch.batch_id == batch_id)
+                             ).scalar_one() == "FAILED"
+        if heal:
+            HEALED.append(True)
+        queued = transaction(pg_sessions, lambda s, b=batch_id: alerts_engine_retry(s, b, clock))
+        router.publish(queued)
+        published.pump(router)
+        HEALED.clear()
+        report = router.sweep()
+        assert report.alerts_created == (0 if heal else 2), batch_id
+    assert sorted(t.splitlines()[0] for t in receiver.texts()) == [
+        "[error] batch_failed: sales/2024-05: batch FAILED: load failed",
+        "[error] task_failed: sales/2024-05: task load failed on attempt 2"]
+
+
+def alerts_engine_retry(s: Session, batch_id: str, clock: FakeClock) -> Any:
+    from orchestrator import engine
+
+    return engine.retry_batch(s, "sales", batch_id, clock.now())
+
+
 @pytest.mark.postgres
 def test_the_error_in_an_alert_is_its_first_line(pg_sessions: sessionmaker[Session],
                                                  clock: FakeClock, published: RecordingPublisher,
