@@ -36,14 +36,17 @@ from orchestrator.cli.ops import (
     sync,
 )
 from orchestrator.cli.wiring import (
-    EXIT_BATCH_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_TIMEOUT,
     EXIT_USAGE,
     UsageProblem,
     batch_pk,
     busy_counts,
     db_label,
+    fail,
     handle_errors,
     is_cloud,
+    outcome_code,
     read_session,
     runtime,
     settings,
@@ -101,9 +104,14 @@ def _emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
-def _exit_for(statuses: list[str]) -> None:
-    if any(s in ("FAILED", "CANCELLED") for s in statuses):
-        raise typer.Exit(EXIT_BATCH_FAILED)
+def _exit_for(docs: list[dict[str, Any]], timed_out: bool = False) -> None:
+    if timed_out:
+        for doc in docs:
+            err.print(f"{doc['pipeline']}/{doc['batch_id']}: stopped waiting (--timeout); "
+                      "its work goes on")
+    code = outcome_code(docs, timed_out)
+    if code:
+        raise typer.Exit(code)
 
 
 def _status_doc(batch_id: str, pipeline: str | None) -> dict[str, Any]:
@@ -302,7 +310,8 @@ def batch_start(
     """Start a batch. Tasks with a file trigger wait for their file.
 
     On the embedded runtime the command runs the tasks and returns when nothing is
-    left to do but wait for files; exit code 3 if the batch failed.
+    left to do but wait for files; exit code 3 if the batch failed or a task already
+    did (while another waits for its file), 4 if it stopped waiting (--timeout).
 
     Example: [bold]orchestrator batch start monthly_profit 2024-03 --param region=north[/bold]
     """
@@ -317,9 +326,9 @@ def batch_start(
             out.print(f"published start of {pipeline}/{batch_id}; follow it with "
                       f"`orchestrator status {batch_id} --watch`")
             return
-        settle(rt, [batch_pk(rt, pipeline, batch_id)], timeout)
+        settled = settle(rt, [batch_pk(rt, pipeline, batch_id)], timeout)
         doc = _print_status(rt, batch_id, pipeline)
-    _exit_for([doc["status"]])
+    _exit_for([doc], timed_out=not settled)
 
 
 @batch_app.command("cancel")
@@ -350,7 +359,7 @@ def batch_retry(
 ) -> None:
     """Rerun the failed part of a batch, or the named tasks and their downstream.
 
-    Exit code 3 if the batch fails again (embedded runtime).
+    Exit code 3 if the batch fails again, 4 on --timeout (embedded runtime).
 
     Example: [bold]orchestrator batch retry 2024-03 --task load_sales[/bold]
     """
@@ -363,9 +372,9 @@ def batch_retry(
             err.print(f"{name}/{batch_id}: {n} task(s) queued again")
         if is_cloud(rt.settings):
             return
-        settle(rt, [batch_pk(rt, name, batch_id)], timeout)
+        settled = settle(rt, [batch_pk(rt, name, batch_id)], timeout)
         doc = _print_status(rt, batch_id, name)
-    _exit_for([doc["status"]])
+    _exit_for([doc], timed_out=not settled)
 
 
 @batch_app.command("backfill")
@@ -386,7 +395,8 @@ def batch_backfill(
     """Start one batch per month or day of a range (or per listed id), a few at a time.
 
     A batch that already exists is left alone. Batches whose tasks wait for files
-    count as done once nothing else is left to run. Exit code 3 if any batch failed.
+    count as done once nothing else is left to run. Exit code 3 if any batch failed
+    (or has a failed task), 4 on --timeout.
 
     Example: [bold]orchestrator batch backfill monthly_profit --from 2024-01 --to 2024-06 -c 2[/bold]
     """
@@ -436,8 +446,8 @@ def batch_backfill(
                     results[active.pop(pk)] = "done"
                     bar.advance(job)
                 if time.monotonic() > deadline:
-                    raise UsageProblem(f"backfill timed out after {timeout:g} s; "
-                                       "the started batches keep running")
+                    fail(f"backfill timed out after {timeout:g} s; the started batches keep "
+                         "running", EXIT_TIMEOUT)
         statuses = []
         with rt.sessions() as s:
             rows = [queries.batch_status(s, b, pipeline) for b in batch_ids]
@@ -452,7 +462,7 @@ def batch_backfill(
     err.print(f"{len(rows)} batch(es): {sum(s == 'SUCCESS' for s in statuses)} succeeded, "
               f"{n_failed} failed, {sum(s == 'RUNNING' for s in statuses)} still open, "
               f"{sum(v == 'exists' for v in results.values())} already existed")
-    _exit_for(statuses)
+    _exit_for(rows)
 
 
 # -- status, why, events ------------------------------------------------------------------
@@ -503,7 +513,7 @@ def status(
     else:
         out.print(render.batch_table(doc))
     if watch:
-        _exit_for([doc["status"]])
+        _exit_for([doc])
 
 
 @app.command("why")
@@ -801,8 +811,13 @@ def dev(
                 time.sleep(poll)
         except KeyboardInterrupt:
             out.print("stopping")
+            interrupted = True
+        else:
+            interrupted = False
         if rt.bus is not None:
             rt.bus.drain(timeout=10)
+    if interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @app.command("ui")

@@ -4,8 +4,11 @@ Exit codes a script can rely on:
   0  done
   1  an error: unknown pipeline, batch or task; invalid pipeline; database unreachable
   2  a usage error: a bad option, argument, `--param`, or date range
-  3  the batch (or one of the batches) the command waited for ended FAILED or CANCELLED
+  3  the batch (or one of the batches) the command waited for ended FAILED or CANCELLED,
+     or is bound to: it returned with a task already failed (ERROR, UPSTREAM_FAILED,
+     CANCELLED) while another waits for its file
      (`run` is the exception: 1 for any batch that did not succeed, as a test runner would)
+  4  timed out: the command stopped waiting (`--timeout`); the work it started goes on
   130 interrupted (Ctrl-C)
 """
 
@@ -32,9 +35,12 @@ from orchestrator.settings import Settings
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_BATCH_FAILED = 3
+EXIT_TIMEOUT = 4
 EXIT_INTERRUPTED = 130
 
 BUSY = ("QUEUED", "RUNNING", "RETRYING")
+# A task that ended in one of these decides its batch: it will end FAILED.
+FAILED_TASKS = ("ERROR", "UPSTREAM_FAILED", "CANCELLED")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -112,6 +118,17 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
                  "(set ORCHESTRATOR_DEBUG=1 for the traceback)")
 
     return wrapper
+
+
+def outcome_code(docs: Iterable[dict[str, Any]], timed_out: bool = False) -> int:
+    """The exit code for batches a command waited for (their `batch_status` documents):
+    3 once a failure is known, even in a batch still open for a file; else 4 if the
+    command stopped waiting; else 0."""
+    for doc in docs:
+        if doc["status"] in ("FAILED", "CANCELLED") or any(
+                doc["counts"].get(s) for s in FAILED_TASKS):
+            return EXIT_BATCH_FAILED
+    return EXIT_TIMEOUT if timed_out else 0
 
 
 # -- the database and the runtime -------------------------------------------------------
