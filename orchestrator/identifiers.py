@@ -24,8 +24,38 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,127}$")
 BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-=:]{0,127}$")
 
 
+BATCH_ID_MAX = 128
+BATCH_ID_RULE = "use 1 to 128 ASCII letters, digits and _ . - = :, starting with a letter or digit"
+_BATCH_ID_CHAR = re.compile(r"[A-Za-z0-9_.\-=:]")
+_NAMED_CHARS = {" ": "a space", "/": "a slash", "\\": "a backslash", "'": "a quote",
+                '"': "a quote", "`": "a backquote", "\t": "a tab", "\n": "a line break"}
+
+
 def valid_batch_id(value: str) -> bool:
-    return bool(BATCH_ID_RE.match(value)) and ".." not in value
+    # fullmatch: `$` alone would let a trailing line break through.
+    return bool(BATCH_ID_RE.fullmatch(value)) and ".." not in value
+
+
+def batch_id_problem(value: str) -> str | None:
+    """What is wrong with a batch id, as one line that names it (None if it is valid)."""
+    if valid_batch_id(value):
+        return None
+    shown = repr(value) if len(value) <= 60 else repr(value[:40]) + "…"
+    if not value:
+        why = "it is empty"
+    elif len(value) > BATCH_ID_MAX:
+        why = f"it is {len(value)} characters long, at most {BATCH_ID_MAX}"
+    elif (bad := next((c for c in value if not _BATCH_ID_CHAR.fullmatch(c)), None)) is not None:
+        named = _NAMED_CHARS.get(bad)
+        if named is None:
+            named = (f"the non-ASCII character {bad!r}" if not bad.isascii()
+                     else f"the character {bad!r}")
+        why = f"it contains {named}"
+    elif ".." in value:
+        why = "it contains '..'"
+    else:
+        why = f"it starts with {value[0]!r}"
+    return f"invalid batch id {shown}: {why}; {BATCH_ID_RULE}"
 
 
 class InvalidIdentifier(PermanentError, ValueError):

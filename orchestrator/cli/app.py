@@ -52,6 +52,7 @@ from orchestrator.cli.wiring import (
     settings,
     settle,
 )
+from orchestrator.identifiers import batch_id_problem
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -408,6 +409,9 @@ def batch_backfill(
         batch_ids = [b.strip() for b in ids.split(",") if b.strip()]
         if not batch_ids:
             raise UsageProblem("--ids is empty")
+        if bad := [p for p in map(batch_id_problem, batch_ids) if p]:  # before any starts
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise UsageProblem(f"--ids: {bad[0]}{more}; no batch was started")
     elif from_ and to:
         batch_ids = batch_ids_between(from_, to)
     else:

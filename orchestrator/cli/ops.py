@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from orchestrator.cli.wiring import UsageProblem
 from orchestrator.db.models import Pipeline, Task
+from orchestrator.identifiers import batch_id_problem
 from orchestrator.storage_events import StorageObject
 
 
@@ -105,6 +106,19 @@ def fire(rt: Any, bucket: str, name: str) -> Dropped:
     return Dropped(obj.uri, result.outcome, batches)
 
 
+def refuse_bad_batch_ids(rt: Any, obj: StorageObject) -> None:
+    """Before a file is stored: a trigger that would read an invalid batch id from its
+    path refuses it, so that bad input leaves nothing behind."""
+    from orchestrator.triggers import matching_triggers
+
+    with rt.sessions() as s:
+        matches = matching_triggers(s, obj)
+    for pipeline, task, batch_id in matches:
+        if (problem := batch_id_problem(batch_id)) is not None:
+            raise UsageProblem(f"{obj.uri} not stored: the file trigger of {pipeline}.{task} "
+                               f"reads its batch id from the path, and {problem}")
+
+
 def drop(rt: Any, source: Path, uri: str) -> Dropped:
     """Copy `source` to gs://bucket/name in the local buckets, then fire the finalize event."""
     from orchestrator.adapters.local.object_store import LocalObjectStore, split_uri
@@ -116,6 +130,7 @@ def drop(rt: Any, source: Path, uri: str) -> Dropped:
     bucket, name = split_uri(uri)
     if not name:
         raise UsageProblem(f"{uri!r} names a bucket, not an object: add the object path")
+    refuse_bad_batch_ids(rt, StorageObject(bucket=bucket, name=name))
     target = LocalObjectStore(buckets_root(rt)).path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Copy then rename, as GCS finalizes an object only once it is whole.

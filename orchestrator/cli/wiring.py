@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import typer
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from orchestrator.errors import InfrastructureError, OrchestratorError, PipelineValidationError
+from orchestrator.identifiers import batch_id_problem
 from orchestrator.settings import Settings
 
 EXIT_ERROR = 1
@@ -48,6 +50,12 @@ R = TypeVar("R")
 
 class UsageProblem(Exception):
     """A malformed argument found by a command itself (exit code 2)."""
+
+
+def check_batch_id(batch_id: str) -> str:
+    if (problem := batch_id_problem(batch_id)) is not None:
+        raise UsageProblem(problem)
+    return batch_id
 
 
 def settings() -> Settings:
@@ -91,11 +99,18 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            # A command's batch id is checked before anything is read or changed.
+            for key in ("batch_id", "batch"):
+                if isinstance(value := kwargs.get(key), str):
+                    check_batch_id(value)
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except UsageProblem as exc:
             fail(_one_line(str(exc)), EXIT_USAGE)
+        except ValidationError as exc:  # a message built from arguments, refused
+            fail("; ".join(f"invalid {'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}"
+                           for e in exc.errors()), EXIT_USAGE)
         except PipelineValidationError as exc:
             fail(f"{exc.source}: " + "; ".join(exc.problems))
         except InfrastructureError as exc:
