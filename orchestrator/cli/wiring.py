@@ -93,6 +93,31 @@ def _db_message(exc: BaseException) -> str:
     return first
 
 
+# What a database says of a table or column it does not have.
+_MISSING = ("does not exist", "no such table", "no such column", "undefinedtable",
+            "undefinedcolumn")
+
+
+def _schema_hint(exc: DBAPIError) -> str | None:
+    """For a statement that found no table or column: what to run, if the schema is
+    not this version's (asked only after the failure, so a command pays nothing)."""
+    if not any(m in str(exc.orig).lower() or m in type(exc.orig).__name__.lower()
+               for m in _MISSING):
+        return None
+    from orchestrator.db import migrate
+    from orchestrator.db.session import make_engine
+
+    s = settings()
+    try:
+        engine = make_engine(s.resolved_database_url(), pool_size=1, max_overflow=0)
+        try:
+            return migrate.schema_problem(engine, db_label(s))
+        finally:
+            engine.dispose()
+    except SQLAlchemyError:
+        return None
+
+
 def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn every expected failure into one `error: …` line on stderr and an exit code."""
 
@@ -118,6 +143,8 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except OrchestratorError as exc:
             fail(_one_line(str(exc)))
         except (DBAPIError, NoSuchModuleError, ArgumentError) as exc:
+            if isinstance(exc, DBAPIError) and (hint := _schema_hint(exc)):
+                fail(hint)
             fail(f"cannot use the database {db_label(settings())}: {_db_message(exc)}")
         except SQLAlchemyError as exc:
             fail(f"database error: {_one_line(_db_message(exc))}")
