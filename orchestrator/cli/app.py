@@ -26,6 +26,7 @@ from orchestrator import logs, queries
 from orchestrator.cli import render, tasks
 from orchestrator.cli.ops import (
     BucketWatcher,
+    PipelineWatcher,
     batch_ids_between,
     buckets_root,
     deadline_seconds,
@@ -762,8 +763,9 @@ def dev(
     It watches the local bucket folders (ORCHESTRATOR_HOME/buckets/<bucket>/…) for
     new files, fires their finalize events, runs the sweeper (schedules start their
     batches on time, deadlines apply, and alerts print here, and go to
-    ORCHESTRATOR_ALERT_WEBHOOK_URL if set), and reloads the pipelines' Python modules
-    when their files change.
+    ORCHESTRATOR_ALERT_WEBHOOK_URL if set), and reloads the pipeline files (syncing a
+    changed one as a new version for new batches) and their Python modules when
+    they change.
 
     Example: [bold]orchestrator dev --pipelines examples/[/bold], then in another shell
     [bold]cp _SUCCESS .orchestrator/buckets/landing/sales/2024-03/[/bold]
@@ -802,6 +804,7 @@ def dev(
         root = buckets_root(rt)
         root.mkdir(parents=True, exist_ok=True)
         watcher = BucketWatcher(root)
+        pipeline_files = PipelineWatcher(source) if source is not None else None
         rt.start_sweeper(sweep_every)
         out.print(f"watching {root} for new files; database {db_label(s)}; Ctrl-C to stop")
         started = time.monotonic()
@@ -811,6 +814,8 @@ def dev(
                     dropped = fire(rt, bucket, name)
                     where = ", ".join(f"{p}/{b}" for p, b in dropped.batches) or "no trigger"
                     out.print(f"{dropped.uri} → {where}: {dropped.outcome}")
+                if pipeline_files is not None and (changed := pipeline_files.poll()):
+                    _resync(rt, pipeline_files.source, changed)
                 _reload_modules()
                 time.sleep(poll)
         except KeyboardInterrupt:
@@ -853,6 +858,31 @@ def ui(
               "Ctrl-C to stop")
     serve(s, host=host, port=port, read_only=read_only, extra_hosts=allow_host or [],
           cloud=is_cloud(s))
+
+
+def _resync(rt: Any, source: Path, changed: list[Path]) -> None:
+    """`dev`: pipeline files changed on disk are synced again. A changed pipeline
+    becomes a new version, which new batches run; a file that is now invalid keeps
+    the stored versions."""
+    from orchestrator.errors import OrchestratorError, PipelineValidationError
+
+    what = ", ".join(p.name for p in changed)
+    try:
+        results = sync(rt, source)
+    except PipelineValidationError as exc:
+        err.print(f"{what} changed but cannot be synced, keeping the stored versions: "
+                  f"{exc.source}: {'; '.join(exc.problems)}", markup=False, soft_wrap=True)
+        return
+    except (OrchestratorError, OSError) as exc:
+        err.print(f"{what} changed but cannot be synced, keeping the stored versions: {exc}",
+                  markup=False, soft_wrap=True)
+        return
+    updated = [r for r in results if r.changed]
+    for r in updated:
+        out.print(f"reloaded pipeline {r.name} from {what}: version {r.version}; new batches "
+                  "run it, running ones keep theirs", markup=False, soft_wrap=True)
+    if not updated:
+        out.print(f"{what} changed; no pipeline changed", markup=False, soft_wrap=True)
 
 
 def _reload_modules() -> None:

@@ -184,6 +184,37 @@ class BucketWatcher:
         return sorted(changed)
 
 
+class PipelineWatcher:
+    """Notices a change to the pipeline files `orchestrator dev` synced: the YAML files
+    (the one given, or every one of the folder) and the SQL files that syncing inlines,
+    in that folder and the folder below it (`sql/…`)."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        self._seen = self._scan()
+
+    def _scan(self) -> dict[Path, tuple[int, int]]:
+        folder = self.source if self.source.is_dir() else self.source.parent
+        files = ([*folder.glob("*.yaml"), *folder.glob("*.yml")] if self.source.is_dir()
+                 else [self.source])
+        files += [*folder.glob("*.sql"), *folder.glob("*/*.sql")]
+        out = {}
+        for path in files:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            out[path] = (st.st_mtime_ns, st.st_size)
+        return out
+
+    def poll(self) -> list[Path]:
+        """The files added, changed or removed since the last poll."""
+        now = self._scan()
+        changed = sorted(p for p in {*now, *self._seen} if now.get(p) != self._seen.get(p))
+        self._seen = now
+        return changed
+
+
 # -- batch ids from a date range ----------------------------------------------------------
 
 _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
