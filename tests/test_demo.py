@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from orchestrator.examples_data import expected_profit, make_month
 
 BIN = Path(sys.executable).parent
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -25,7 +29,10 @@ def test_the_demo_runs_fails_once_recovers_and_reruns_cleanly(tmp_path):
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert "Traceback" not in demo.stdout + demo.stderr
     out = demo.stdout
-    assert out.count("✓ the same figures as computed directly from the generated files") == 2
+    assert out.count("✓ the same figures as computed here from the dropped Parquet files") == 2
+    # Why one region has no expenses: the sample data shows off the outer join.
+    said = " ".join(out.split())
+    assert "west has sales but no expenses" in said and "FULL OUTER JOIN" in said
     # The bad file's error names the missing column (the table wraps long lines).
     assert "UPSTREAM_FAILED" in out and "has no column amount" in " ".join(out.split())
     assert "upstream load_expenses failed with" in out
@@ -59,3 +66,40 @@ def test_the_demo_runs_fails_once_recovers_and_reruns_cleanly(tmp_path):
                 (r["region"], r["profit"]) for r in want]
     finally:
         wh.close()
+
+
+def _demo_with(tmp_path: Path, prelude: str) -> subprocess.CompletedProcess[str]:
+    """The demo, in its own process, after `prelude` changed something it relies on."""
+    script = f"import sys\n{prelude}\nimport orchestrator.demo as demo\nsys.exit(demo.main())\n"
+    return _run([sys.executable, "-c", script], tmp_path)
+
+
+@pytest.mark.parametrize("wrong, shows", [
+    ("FULL OUTER JOIN", "JOIN"),  # an inner join drops the region without expenses
+    ("COALESCE(r.revenue, 0) - COALESCE(c.expenses, 0) AS profit",
+     "COALESCE(r.revenue, 0) + COALESCE(c.expenses, 0) AS profit"),
+])
+def test_the_demo_check_catches_a_wrong_profit(tmp_path, wrong, shows):
+    examples = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, examples)
+    sql = examples / "sql" / "calculate_profit.sql"
+    assert wrong in sql.read_text()
+    sql.write_text(sql.read_text().replace(wrong, shows))
+    demo = _demo_with(tmp_path, f"import orchestrator.demo\n"
+                                f"from pathlib import Path\n"
+                                f"orchestrator.demo.EXAMPLES = Path({str(examples)!r})")
+    assert demo.returncode == 1, demo.stdout + demo.stderr
+    assert "✗ the profit rows differ from the figures computed from the dropped Parquet" in (
+        demo.stdout)
+    assert "demo failed" in demo.stdout
+
+
+def test_the_demo_check_does_not_use_the_generators_own_figures(tmp_path):
+    # The generator's expected rows, made wrong: the check must not notice, since it
+    # computes its figures from the Parquet files that landed.
+    demo = _demo_with(tmp_path, "import orchestrator.examples_data as data\n"
+                                "real = data.expected_profit\n"
+                                "data.expected_profit = lambda rows, b: [\n"
+                                "    dict(r, profit=r['profit'] + 1) for r in real(rows, b)]")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert demo.stdout.count("✓ the same figures as computed here from the dropped") == 2
