@@ -58,14 +58,19 @@ def write_yaml(path: Path, text: str) -> Path:
     return path
 
 
-def drop_month(folder: Path, batch_id: str, kinds: tuple[str, ...] = ("sales", "expenses")) -> None:
+def drop_month(folder: Path, batch_id: str, kinds: tuple[str, ...] = ("sales", "expenses"),
+               last_code: int = 0) -> None:
+    """Drop the month's files, markers last; `last_code` is the last drop's exit code
+    (3 when the file it triggers fails)."""
+    drops = []
     for kind in kinds:
         src = folder / kind / batch_id
         names = sorted(p.name for p in src.glob("*.parquet"))
         if (src / "_SUCCESS").exists():
             names.append("_SUCCESS")
-        for name in names:
-            cli("drop", str(src / name), f"gs://landing/{kind}/{batch_id}/{name}")
+        drops += [(src / name, f"gs://landing/{kind}/{batch_id}/{name}") for name in names]
+    for i, (path, uri) in enumerate(drops):
+        cli("drop", str(path), uri, code=last_code if i == len(drops) - 1 else 0)
 
 
 def profit(home: Path, batch_id: str) -> list[tuple[str, Decimal, Decimal, Decimal]]:
@@ -119,7 +124,7 @@ def test_monthly_profit_runs_from_dropped_files_fails_on_a_bad_file_and_recovers
     cols = [c for c in EXPENSES_COLUMNS if c["name"] != "amount"]
     (bad / "expenses" / "2024-04" / "part-000.parquet").write_bytes(
         parquet_bytes([{k: v for k, v in r.items() if k != "amount"} for r in rows], cols))
-    drop_month(bad, "2024-04")
+    drop_month(bad, "2024-04", last_code=3)
     doc = status_json("2024-04")
     by_task = {t["task"]: t for t in doc["tasks"]}
     assert doc["status"] == "FAILED"

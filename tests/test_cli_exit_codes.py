@@ -83,3 +83,19 @@ def test_ctrl_c_stops_dev_with_exit_code_130(tmp_path):
             proc.wait()
     assert proc.returncode == 130, (proc.returncode, out, errs)
     assert "Traceback" not in errs, errs
+
+
+def test_drop_exits_3_when_the_file_it_delivers_fails(tmp_path):
+    cli("pipelines", "sync", str(write_yaml(tmp_path / "onfile.yaml", """
+        name: onfile
+        tasks:
+          - name: load
+            handler: python
+            gcs_trigger: {bucket: landing, pattern: "in/{batch_id}/_SUCCESS"}
+            config: {callable: "tests.test_cli:always_fails"}
+            retry: {max_attempts: 1}
+    """)))
+    (tmp_path / "_SUCCESS").write_text("")
+    result = cli("drop", "_SUCCESS", "gs://landing/in/f1/_SUCCESS", code=3)
+    assert "ERROR" in result.stdout
+    assert status_json("f1")["status"] == "FAILED"

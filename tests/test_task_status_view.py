@@ -62,7 +62,7 @@ def _run_the_demo_months(folder: Path) -> None:
     cols = [c for c in EXPENSES_COLUMNS if c["name"] != "amount"]
     (bad / "expenses/2024-04/part-000.parquet").write_bytes(
         parquet_bytes([{k: v for k, v in r.items() if k != "amount"} for r in rows], cols))
-    drop_month(bad, "2024-04")
+    drop_month(bad, "2024-04", last_code=3)
     assert status_json("2024-04")["status"] == "FAILED"
     write_monthly_files(bad, "2024-04", seed=2, sales=200, expenses=30, files_per_table=1,
                         marker=False)
@@ -109,7 +109,7 @@ def test_the_view_shows_a_failed_task_with_its_error_first_line(tmp_path, metada
     cols = [c for c in EXPENSES_COLUMNS if c["name"] != "amount"]
     (bad / "expenses/2024-04/part-000.parquet").write_bytes(
         parquet_bytes([{k: v for k, v in r.items() if k != "amount"} for r in rows], cols))
-    drop_month(bad, "2024-04")
+    drop_month(bad, "2024-04", last_code=3)
     doc = status_json("2024-04")
     assert doc["status"] == "FAILED"
     view = _view(metadata_url, "2024-04")
@@ -149,7 +149,7 @@ def test_the_readme_queries_run_on_the_view(tmp_path, metadata_url):
     bad = tmp_path / "bad"
     write_monthly_files(bad, "2024-04", seed=2, sales=50, expenses=10)
     (bad / "expenses/2024-04/part-000.parquet").write_bytes(b"not parquet")
-    drop_month(bad, "2024-04")
+    drop_month(bad, "2024-04", last_code=3)
     queries = _readme_queries()
     assert len(queries) == 2
     engine = make_engine(metadata_url, pool_size=1, max_overflow=0)

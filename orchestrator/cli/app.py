@@ -728,7 +728,8 @@ def drop_cmd(
 ) -> None:
     """Copy a file into a local bucket and fire its finalize event, as GCS would.
 
-    Runs what the file triggers, then prints the status of the batches it touched.
+    Runs what the file triggers, then prints the status of the batches it touched;
+    exit code 3 once one of them has a failed task, 4 if it stopped waiting (--timeout).
 
     Example: [bold]orchestrator drop sales.parquet gs://landing/sales/2024-03/_SUCCESS[/bold]
     """
@@ -744,9 +745,9 @@ def drop_cmd(
             return
         pks = [batch_pk(rt, p, b) for p, b in dropped.batches]
         err.print(f"{dropped.uri}: {dropped.outcome}")
-        settle(rt, pks, timeout)
-        for p, b in dropped.batches:
-            _print_status(rt, b, p)
+        settled = settle(rt, pks, timeout)
+        docs = [_print_status(rt, b, p) for p, b in dropped.batches]
+    _exit_for(docs, timed_out=not settled)
 
 
 @app.command("dev")
