@@ -108,7 +108,7 @@ def _emit_json(data: Any) -> None:
 
 def _exit_for(docs: list[dict[str, Any]], timed_out: bool = False) -> None:
     if timed_out:
-        for doc in docs:
+        for doc in (d for d in docs if d["status"] == "RUNNING"):
             err.print(f"{doc['pipeline']}/{doc['batch_id']}: stopped waiting (--timeout); "
                       "its work goes on")
     code = outcome_code(docs, timed_out)
