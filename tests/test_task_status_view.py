@@ -3,6 +3,7 @@ pipeline run for real (a good month, a bad file, its retry), on PostgreSQL and S
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,49 @@ def test_the_readme_queries_run_on_the_view(tmp_path, metadata_url):
         engine.dispose()
     assert [(r["batch_id"], r["task"]) for r in failures] == [("2024-04", "load_expenses")]
     assert [r["task"] for r in slowest] == ["load_sales"]
+
+
+REBUILD = '''
+import sqlalchemy as sa
+from alembic import op
+
+revision = "9999"
+down_revision = "{head}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    with op.batch_alter_table("task_log", recreate="always") as batch_op:
+        batch_op.add_column(sa.Column("note", sa.Text(), nullable=True))
+
+
+def downgrade():
+    with op.batch_alter_table("task_log", recreate="always") as batch_op:
+        batch_op.drop_column("note")
+'''
+
+
+def test_a_later_migration_that_rebuilds_a_table_the_view_reads_runs_on_sqlite(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from orchestrator.db.migrate import MIGRATIONS_DIR, head_revision
+
+    scripts = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "9999_rebuild_task_log.py").write_text(
+        REBUILD.replace("{head}", head_revision()))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(scripts))
+    engine = make_engine(f"sqlite:///{tmp_path / 'later.db'}")
+    try:
+        for step in (lambda: command.upgrade(cfg, "head"),
+                     lambda: command.downgrade(cfg, head_revision())):
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                step()
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT COUNT(*) FROM batch_task_status")).scalar() == 0
+    finally:
+        engine.dispose()

@@ -39,8 +39,18 @@ def _run(connection: Connection) -> None:
     # Batch mode lets later migrations ALTER tables on SQLite too.
     context.configure(connection=connection, target_metadata=target_metadata,
                       render_as_batch=True, compare_type=True)
-    with context.begin_transaction():
-        context.run_migrations()
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds a table under a temporary name and renames it into place;
+        # SQLite refuses that rename while a view (batch_task_status) names the table
+        # that is missing for the moment, unless renames follow the legacy rule.
+        connection.exec_driver_sql("PRAGMA legacy_alter_table = ON")
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA legacy_alter_table = OFF")
 
 
 if context.is_offline_mode():

@@ -5,9 +5,9 @@ A documented, stable interface (README, "Querying the task log in SQL"): columns
 added, never renamed or removed. Duration and the error's first line are computed in
 each dialect's own SQL. The text is frozen here, as a migration's must be.
 
-On SQLite, a later migration that rebuilds one of the tables it reads (batch mode:
-copy, drop, rename) must drop the view first and create it again after: SQLite
-refuses to rename a table into place while a view names the missing one.
+On SQLite a later migration may still rebuild a table the view reads (batch mode:
+copy, drop, rename into place): env.py runs migrations with SQLite's legacy rename
+rule, without which SQLite refuses the rename while the view names the missing table.
 
 Revision ID: 0013
 Revises: 0012
