@@ -80,6 +80,7 @@ class Sizes:
     status_batch: int
     status_queries: int
     cold_runs: int
+    cold_ack_runs: int
     parquet_rows: int
 
 
@@ -87,16 +88,17 @@ FULL = Sizes(repeats=3, chain_len=40, chain_sleep_s=0.01, noop_chain_len=200,
              throughput_window_s=20.0, throughput_window_sqlite_s=6.0,
              throughput_workers=(1, 2, 4), pg_limit_s=3.0, fan_10k=10_000, fan_1000=1000,
              fan_budget_s=40.0, fan_timeout_s=240.0, status_rows=5_000_000, status_batch=10_000,
-             status_queries=25, cold_runs=10, parquet_rows=5_000_000)
+             status_queries=25, cold_runs=10, cold_ack_runs=7, parquet_rows=5_000_000)
 QUICK = Sizes(repeats=3, chain_len=40, chain_sleep_s=0.01, noop_chain_len=50,
               throughput_window_s=4.0, throughput_window_sqlite_s=2.0,
               throughput_workers=(1, 2, 4), pg_limit_s=1.0, fan_10k=1000, fan_1000=200,
               fan_budget_s=10.0, fan_timeout_s=60.0, status_rows=200_000, status_batch=1000,
-              status_queries=15, cold_runs=5, parquet_rows=500_000)
+              status_queries=15, cold_runs=5, cold_ack_runs=3, parquet_rows=500_000)
 TINY = Sizes(repeats=1, chain_len=3, chain_sleep_s=0.001, noop_chain_len=4,
              throughput_window_s=0.6, throughput_window_sqlite_s=0.6, throughput_workers=(2,),
              pg_limit_s=0.2, fan_10k=20, fan_1000=10, fan_budget_s=0.0, fan_timeout_s=30.0,
              status_rows=2000, status_batch=100, status_queries=3, cold_runs=1,
+             cold_ack_runs=1,
              parquet_rows=1000)
 
 

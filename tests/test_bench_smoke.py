@@ -10,7 +10,8 @@ from bench.cli import main
 
 HEADLINE = ("chain40_total_s_sqlite", "hop_overhead_ms_sqlite", "fanout_fanin_1000_s_sqlite",
             "pg_limit_per_s", "fan_in_10k_s", "fan_out_10k_s", "fan_in_vs_fan_out",
-            "status_10k_ms", "ui_batch_10k_ms", "cold_import_ms", "parquet_load_ratio")
+            "status_10k_ms", "ui_batch_10k_ms", "cold_import_ms", "cold_first_ack_ms",
+            "parquet_load_ratio")
 
 
 def test_every_scenario_runs_at_a_tiny_size_and_writes_its_metrics(tmp_path: Path) -> None:

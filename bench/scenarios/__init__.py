@@ -22,6 +22,7 @@ SCENARIOS: dict[str, str] = {
     "status_10k": "bench.scenarios.status:status_10k",
     "ui_batch_10k": "bench.scenarios.ui:ui_batch_10k",
     "cold_import": "bench.scenarios.cold_import:cold_import",
+    "cold_first_ack": "bench.scenarios.cold_start:cold_first_ack",
     "parquet_load": "bench.scenarios.parquet:parquet_load",
 }
 
