@@ -8,6 +8,10 @@ it could never succeed.
 
 `route` is an HTTP function that reads Pub/Sub's push itself (see
 `orchestrator.edge`): a 2xx acknowledges, a 5xx asks for redelivery.
+
+Importing this module costs little (functions-framework imports it before the
+instance listens): everything else, settings included, is imported by the first
+request that needs it, and the runtime is built once, on first use.
 """
 
 from __future__ import annotations
@@ -17,17 +21,17 @@ from typing import Any
 
 import functions_framework
 
-from orchestrator import bootstrap, edge, logs
+from orchestrator import logs
 from orchestrator.errors import InfrastructureError, InvalidInput, NotFound
-from orchestrator.names import NameMap
-from orchestrator.settings import get_settings
 
-logs.configure(get_settings().log_format)
+logs.configure(logs.format_from_environment())
 
 
 @functions_framework.http
 def route(request: Any) -> tuple[str, int]:
     """A Pub/Sub push (tasks topic or dead letters): start a batch or run a task."""
+    from orchestrator import bootstrap, edge
+
     if request.method != "POST":
         return f"method {request.method} not allowed; Pub/Sub pushes with POST", 405
     body = request.get_data(cache=False)
@@ -46,6 +50,8 @@ def route(request: Any) -> tuple[str, int]:
 def _relay_events(*, skip_if_busy: bool) -> None:
     # Best effort: the events are in the task log already, and the sweeper's pass
     # publishes whatever this one could not, so a failure here must not redeliver.
+    from orchestrator import bootstrap
+
     try:
         bootstrap.runtime().relay_events(skip_if_busy=skip_if_busy)
     except Exception as exc:
@@ -55,6 +61,9 @@ def _relay_events(*, skip_if_busy: bool) -> None:
 @functions_framework.cloud_event
 def on_object_finalized(cloud_event: Any) -> None:
     """A GCS object landed: release the task whose trigger it matches."""
+    from orchestrator import bootstrap, edge
+    from orchestrator.names import NameMap
+
     try:
         obj = edge.storage_object(cloud_event)
     except InvalidInput as exc:
@@ -69,6 +78,8 @@ def on_object_finalized(cloud_event: Any) -> None:
 @functions_framework.http
 def sweep(request: Any) -> tuple[dict[str, Any], int]:
     """One maintenance pass (Cloud Scheduler, every minute)."""
+    from orchestrator import bootstrap
+
     report = bootstrap.router().sweep()
     _relay_events(skip_if_busy=False)
     return dataclasses.asdict(report), 200
@@ -77,7 +88,7 @@ def sweep(request: Any) -> tuple[dict[str, Any], int]:
 @functions_framework.http
 def status(request: Any) -> tuple[dict[str, Any], int]:
     """GET ?batch_id=…&pipeline=… -> the batch's status and every task's, as JSON."""
-    from orchestrator import queries
+    from orchestrator import bootstrap, edge, queries
     from orchestrator.db.session import session_scope
 
     if request.method not in ("GET", "HEAD"):

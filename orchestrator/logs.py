@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 LOGGER_NAME = "orchestrator"
+# The `log_format` setting's variable, read here without the settings model so that an
+# entry point can configure its logs before it imports anything heavy.
+LOG_FORMAT_ENV = "ORCHESTRATOR_LOG_FORMAT"
 log = logging.getLogger(LOGGER_NAME)
 _LABELS = ("pipeline", "batch_id", "task", "attempt")
 
@@ -66,6 +71,14 @@ def configure(fmt: str = "text", level: int = logging.INFO) -> None:
     log.setLevel(level)
     log.propagate = fmt != "json"
     _echo_task_lines = fmt == "json" or level <= logging.INFO
+
+
+def format_from_environment(environ: Mapping[str, str] = os.environ) -> str:
+    """The `log_format` setting as `Settings` reads it (the name in any case; "text" unset)."""
+    for name, value in environ.items():
+        if name.upper() == LOG_FORMAT_ENV:
+            return value
+    return "text"
 
 
 def emit(level: int, message: str, **fields: Any) -> None:

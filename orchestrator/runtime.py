@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -20,19 +20,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import engine as eng
 from orchestrator import logs, usercode
-from orchestrator.db import migrate
 from orchestrator.db.models import Batch, Pipeline
 from orchestrator.db.session import make_engine, make_sessionmaker, transaction
 from orchestrator.engine.types import BatchFinished
 from orchestrator.event_stream import Callback, EventHub, Subscription, relay_once
 from orchestrator.names import NameMap
-from orchestrator.pipeline.spec import PipelineSpec, load_pipelines
-from orchestrator.pipeline.sync import SyncResult, sync_pipeline
 from orchestrator.pipeline.timing import parse_alert_events
 from orchestrator.ports import AlertSink, Clock, ObjectStore, Publisher, SystemClock, Warehouse
 from orchestrator.router import Router
 from orchestrator.settings import Settings, get_settings
 from orchestrator.status import BATCH_TERMINAL, BatchStatus
+
+if TYPE_CHECKING:
+    # Migrations (alembic) and pipeline files (YAML) are the operator's business, never
+    # a request's: imported where they are used, so the functions never load them.
+    from orchestrator.pipeline.spec import PipelineSpec
+    from orchestrator.pipeline.sync import SyncResult
 
 
 class _Lazy:
@@ -153,6 +156,8 @@ class Runtime:
         db = make_engine(settings.resolved_database_url(), pool_size=max(8, (workers or settings.workers) * 2),
                          max_overflow=4, pool_timeout=settings.db_pool_timeout_s)
         if migrate_db:
+            from orchestrator.db import migrate
+
             migrate.upgrade(db)
         bus = InProcessBus(workers or settings.workers)
         rt = cls(settings, db, bus, clock=clock, bus=bus)
@@ -162,7 +167,7 @@ class Runtime:
 
     @classmethod
     def cloud(cls, settings: Settings | None = None) -> Runtime:
-        from orchestrator.adapters.gcp.pubsub import PubSubPublisher
+        from orchestrator.adapters.gcp.pubsub import PubSubPublisher, SharedClient
 
         settings = (settings or get_settings()).for_cloud()
         db = make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size,
@@ -170,18 +175,26 @@ class Runtime:
                          pool_timeout=settings.db_pool_timeout_s)
         if not settings.gcp_project:
             raise RuntimeError("ORCHESTRATOR_GCP_PROJECT is not set")
-        alerts = PubSubPublisher(settings.gcp_project, settings.alerts_topic)
-        return cls(settings, db, PubSubPublisher(settings.gcp_project, settings.tasks_topic),
-                   events_publisher=PubSubPublisher(settings.gcp_project, settings.events_topic),
+        # One client (one channel) for the three topics, built by the first publish.
+        client = SharedClient()
+        alerts = PubSubPublisher(settings.gcp_project, settings.alerts_topic, shared=client)
+        return cls(settings, db,
+                   PubSubPublisher(settings.gcp_project, settings.tasks_topic, shared=client),
+                   events_publisher=PubSubPublisher(settings.gcp_project, settings.events_topic,
+                                                    shared=client),
                    alert_sinks=make_alert_sinks(settings, alerts))
 
     # -- operations -------------------------------------------------------------------
 
     def sync(self, path: str | Path) -> list[SyncResult]:
+        from orchestrator.pipeline.spec import load_pipelines
+
         specs = load_pipelines(path)
         return self.sync_specs(specs)
 
     def sync_specs(self, specs: list[PipelineSpec]) -> list[SyncResult]:
+        from orchestrator.pipeline.sync import sync_pipeline
+
         now = self.clock.now()
         return transaction(self.sessions, lambda s: [sync_pipeline(s, sp, now) for sp in specs])
 

@@ -18,7 +18,6 @@ from orchestrator.db.session import transaction
 from orchestrator.dispatcher import Dispatcher, RouteResult
 from orchestrator.engine.types import Outcome
 from orchestrator.errors import InvalidInput
-from orchestrator.pipeline.spec import GcsTrigger
 from orchestrator.ports import Clock
 from orchestrator.status import BatchStatus
 from orchestrator.storage_events import StorageObject
@@ -86,6 +85,9 @@ def matching_triggers(session: Session, obj: StorageObject) -> list[tuple[str, s
         .where(Task.gcs_bucket == obj.bucket, (Task.version == Pipeline.version) | older_open)
         .order_by(Pipeline.name, Task.version.desc(), Task.id)
     ).all()
+    # The pipeline-file model (YAML, pydantic) is imported by the object events that use it.
+    from orchestrator.pipeline.spec import GcsTrigger
+
     candidates = []
     for pipeline, task, bucket, pattern, version, current in rows:
         if bucket is None or pattern is None:

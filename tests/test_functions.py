@@ -319,3 +319,39 @@ def test_the_functions_build_one_runtime_per_instance(
         first.close()
     finally:
         bootstrap.install(old)
+
+
+def test_the_cloud_runtime_builds_one_pubsub_client_for_its_topics_on_first_publish(
+        monkeypatch: pytest.MonkeyPatch, pg_url: str) -> None:
+    """Tasks, events and alerts share one client, built by the first publish, not before."""
+    from concurrent.futures import Future
+
+    from google.cloud import pubsub_v1  # type: ignore[attr-defined]
+
+    from orchestrator.ports import OutboundMessage
+
+    built: list[Any] = []
+    sent: list[str] = []
+
+    class Client:
+        def __init__(self, **_kwargs: Any) -> None:
+            built.append(self)
+
+        def publish(self, topic: str, _data: bytes, **_attributes: str) -> Future[str]:
+            sent.append(topic)
+            done: Future[str] = Future()
+            done.set_result("1")
+            return done
+
+    monkeypatch.setattr(pubsub_v1, "PublisherClient", Client)
+    rt = Runtime.cloud(Settings(database_url=pg_url, gcp_project="p", tasks_topic="tasks",
+                                events_topic="events"))
+    try:
+        assert built == []
+        rt.publisher.publish([OutboundMessage({"type": "run_task"})])
+        assert rt.events_publisher is not None
+        rt.events_publisher.publish([OutboundMessage({"type": "batch_finished"})])
+        assert len(built) == 1
+        assert sent == ["projects/p/topics/tasks", "projects/p/topics/events"]
+    finally:
+        rt.close()

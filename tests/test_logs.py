@@ -107,3 +107,14 @@ def test_route_logs_each_outcome_as_json_with_labels_and_delivery_attempt(
     assert started["delivery_attempt"] == 2
     assert started["logging.googleapis.com/labels"] == {"pipeline": "two", "batch_id": "j1"}
     assert rejected["severity"] == "WARNING" and "not JSON" in rejected["message"]
+
+
+def test_the_entry_module_reads_log_format_as_the_settings_do() -> None:
+    """functions/main.py reads the `log_format` setting without the settings model: the
+    same variable, in any case, with the same default."""
+    from orchestrator.settings import Settings, environment_name
+
+    assert environment_name(Settings, "log_format") == logs.LOG_FORMAT_ENV
+    assert logs.format_from_environment({}) == Settings.model_fields["log_format"].default
+    for env in ({"ORCHESTRATOR_LOG_FORMAT": "json"}, {"orchestrator_log_format": "json"}):
+        assert logs.format_from_environment(env) == "json"

@@ -13,21 +13,19 @@ from orchestrator.ports import OutboundMessage
 PUBLISH_TIMEOUT_S = 30.0
 
 
-class PubSubPublisher:
-    """Publishes to one topic and waits for every message id before returning, so a
-    caller that returns has really handed its messages to Pub/Sub."""
+class SharedClient:
+    """One `PublisherClient` for every topic a runtime publishes to (its channel, its
+    credentials, its batching threads), built by the first publish that needs it."""
 
-    def __init__(self, project: str, topic: str, *, client: Any = None):
-        self.project = project
-        self.topic = topic
-        self._client = client
+    def __init__(self) -> None:
+        self._client: Any = None
         self._lock = threading.Lock()
 
     @property
-    def topic_path(self) -> str:
-        return f"projects/{self.project}/topics/{self.topic}"
+    def built(self) -> bool:
+        return self._client is not None
 
-    def _get_client(self) -> Any:
+    def get(self) -> Any:
         with self._lock:
             if self._client is None:
                 from google.cloud import pubsub_v1  # type: ignore[attr-defined]
@@ -37,6 +35,27 @@ class PubSubPublisher:
                     batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.001)
                 )
             return self._client
+
+
+class PubSubPublisher:
+    """Publishes to one topic and waits for every message id before returning, so a
+    caller that returns has really handed its messages to Pub/Sub."""
+
+    def __init__(self, project: str, topic: str, *, client: Any = None,
+                 shared: SharedClient | None = None):
+        self.project = project
+        self.topic = topic
+        self._client = client
+        self._shared = shared or SharedClient()
+
+    @property
+    def topic_path(self) -> str:
+        return f"projects/{self.project}/topics/{self.topic}"
+
+    def _get_client(self) -> Any:
+        if self._client is None:
+            self._client = self._shared.get()
+        return self._client
 
     def publish(self, messages: Sequence[OutboundMessage]) -> None:
         if not messages:
