@@ -86,8 +86,9 @@ def sweep(request: Any) -> tuple[dict[str, Any], int]:
 
 
 @functions_framework.http
-def status(request: Any) -> tuple[dict[str, Any], int]:
-    """GET ?batch_id=…&pipeline=… -> the batch's status and every task's, as JSON."""
+def status(request: Any) -> tuple[Any, ...]:
+    """GET ?batch_id=…&pipeline=… -> the batch's status and every task's, as JSON (the
+    text the database wrote, served as it is)."""
     from orchestrator import bootstrap, edge, queries
     from orchestrator.db.session import session_scope
 
@@ -96,7 +97,8 @@ def status(request: Any) -> tuple[dict[str, Any], int]:
     try:
         batch_id, pipeline = edge.status_query(request.args)
         with session_scope(bootstrap.runtime().sessions) as session:
-            return queries.batch_status(session, batch_id, pipeline), 200
+            return (queries.batch_status_json(session, batch_id, pipeline), 200,
+                    {"Content-Type": "application/json"})
     except NotFound as exc:
         return {"error": str(exc)}, 404
     except InvalidInput as exc:

@@ -186,6 +186,14 @@ def test_batch_start_runs_the_batch_and_exits_3_when_it_fails(tmp_path):
         ("extract", "SUCCESS"), ("transform", "SUCCESS"), ("report", "ERROR")]
     assert "the report server said no" in doc["tasks"][2]["error"]
     assert "failed on attempt 1/1" in cli("why", "b1", "report").stdout
+    # `status --json` prints the document as the database wrote it.
+    from orchestrator import queries
+    from orchestrator.db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(f"sqlite:///{tmp_path / '.orchestrator' / 'metadata.db'}")
+    with make_sessionmaker(engine)() as s:
+        assert cli("status", "b1", "--json").stdout == queries.batch_status_json(s, "b1") + "\n"
+    engine.dispose()
 
     # --task reruns that task and its downstream only.
     cli("batch", "retry", "b1", "--task", "transform", code=3)

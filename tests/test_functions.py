@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from orchestrator import bootstrap
+from orchestrator import bootstrap, queries
 from orchestrator.db.models import Batch, TaskLog
 from orchestrator.edge import DEAD_LETTER_COUNT_ATTRIBUTE
 from orchestrator.handlers.context import TaskContext
@@ -261,7 +261,10 @@ def test_status_returns_the_batch_as_json(rt: Runtime, published: RecordingPubli
     """GET ?batch_id=&pipeline= answers 200 with every task's status."""
     post("route", pubsub_request({"type": "start_batch", "pipeline": "two", "batch_id": "s1"}))
     resp = function_client("status").get("/?batch_id=s1&pipeline=two")
-    assert resp.status_code == 200
+    assert resp.status_code == 200 and resp.mimetype == "application/json"
+    # Served as the database wrote it.
+    with rt.sessions() as s:
+        assert resp.get_data(as_text=True) == queries.batch_status_json(s, "s1", "two")
     body = json.loads(resp.data)
     assert body["pipeline"] == "two" and body["batch_id"] == "s1" and body["status"] == "RUNNING"
     assert {t["task"]: t["status"] for t in body["tasks"]} == {"a": "QUEUED", "b": "PENDING"}

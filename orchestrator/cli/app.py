@@ -500,6 +500,11 @@ def status(
         else:
             out.print(render.recent_table(rows))
         return
+    if json_out and not watch:
+        # As the database wrote it: a 10,000-task batch is never rebuilt in Python.
+        with read_session() as s:
+            typer.echo(queries.batch_status_json(s, batch_id, pipeline))
+        return
     doc = _status_doc(batch_id, pipeline)
     if watch and doc["status"] not in FINAL:
         if json_out:
