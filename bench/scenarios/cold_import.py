@@ -47,7 +47,7 @@ def _split(line: str) -> tuple[str, str, str, str]:
 
 def cold_import(ctx: Context) -> list[Metric]:
     if not (REPO / "functions" / "main.py").exists():
-        return [skipped("cold_import_ms", "functions/main.py is not there yet", "ms", "<= 300")]
+        return [skipped("cold_import_ms", "functions/main.py is not there yet", "ms", "<= 200")]
     z = ctx.sizes
     # One unmeasured run, so that every measured run finds compiled bytecode on disk.
     if z.cold_runs > 1:
@@ -56,7 +56,7 @@ def cold_import(ctx: Context) -> list[Metric]:
     try:
         runs = [_one_run() for _ in range(z.cold_runs)]
     except RuntimeError as exc:
-        return [skipped("cold_import_ms", f"import {ENTRY} failed: {exc}", "ms", "<= 300",
+        return [skipped("cold_import_ms", f"import {ENTRY} failed: {exc}", "ms", "<= 200",
                         status="failed")]
     last = runs[-1][2]
     # Heaviest top-level packages by cumulative import time (median over the runs).
@@ -82,7 +82,7 @@ def cold_import(ctx: Context) -> list[Metric]:
     return [
         Metric("cold_import_ms", "ms", [r[0] for r in runs],
                {**params, "measured": f"-X importtime cumulative time of {ENTRY}"},
-               target="<= 300"),
+               target="<= 200"),
         Metric("cold_import_process_ms", "ms", [r[1] for r in runs],
                {**params, "measured": "whole interpreter process, start to exit"}),
         Metric("cold_import_forbidden_modules", "modules", [float(len(loaded_forbidden))],
