@@ -466,6 +466,7 @@ def test_a_running_tasks_lines_appear_as_it_prints_them_and_the_page_then_stops_
         shown = running.locator(".log .ln").count()
         assert 0 < shown < 30  # some of its lines, while it runs
         _shot(page, shots, "task-running")
+        (other_home / "pipelines" / "release-tick").touch()
         done = page.locator('#attempts article[data-attempt="1"][data-outcome="SUCCESS"]')
         done.wait_for(timeout=30_000)
         lines = done.locator(".log .ln .tx")

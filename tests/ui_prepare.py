@@ -10,7 +10,8 @@ before the UI server runs its work).
   carry markup, a batch of 10,000 tasks, and a python task that prints, logs and
   fails twice (`orders/2024-04`, task `enrich`).
 - `live` (in that home, while its UI runs): a python task that prints a line every
-  0.15 s for 4.5 s (`ticker/live-1`, task `tick`).
+  0.15 s, 30 in all, pausing after the tenth until `pipelines/release-tick` exists
+  (`ticker/live-1`, task `tick`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.ui_support import HOSTILE, big_batch, failed_diamond
 
 TASKS = '''\
 import logging
+import os
 import sys
 import time
 
@@ -54,7 +56,14 @@ def enrich(ctx):
 
 
 def tick(ctx):
+    # Ten lines, then on only once the test has seen them (a file beside this module
+    # says so), however slowly a loaded machine brings the page up.
+    release = os.path.join(os.path.dirname(__file__), "release-tick")
     for i in range(30):
+        if i == 10:
+            waited = time.monotonic()
+            while not os.path.exists(release) and time.monotonic() - waited < 120:
+                time.sleep(0.05)
         print(f"tick {i:02d}")
         time.sleep(0.15)
     return {"ticks": 30}
