@@ -31,6 +31,7 @@ from orchestrator import queries
 from orchestrator.db.models import TaskEvent
 from orchestrator.db.session import make_engine, make_sessionmaker
 from orchestrator.errors import NotFound
+from tests import ui_prepare
 from tests.ui_support import HOSTILE
 
 pytestmark = pytest.mark.browser
@@ -413,7 +414,8 @@ def test_a_failed_python_task_shows_its_traceback_and_the_lines_it_printed(
     assert traceback.is_visible()
     text = traceback.inner_text()
     assert text.startswith("Traceback (most recent call last):")
-    assert 'uitasks.py", line 15, in _amount' in text
+    line = ui_prepare.TASKS.splitlines().index("def _amount(row):") + 2
+    assert f'uitasks.py", line {line}, in _amount' in text
     assert text.rstrip().endswith("KeyError: 'amount'")
     assert "KeyError: 'amount' (at " in last.locator('[data-role="error"]').inner_text()
     # The first attempt's story is folded; one click shows it.
