@@ -74,11 +74,12 @@ class Dispatcher:
             # The rows are QUEUED and committed: the sweeper will publish them again.
             raise InfrastructureError(f"publish failed: {exc}") from exc
 
-    def after(self, outcome: Outcome, row: TaskRow) -> None:
-        """The follow-ups of `row`'s committed transition."""
+    def after(self, outcome: Outcome, row: TaskRow, *, still_open: bool | None = None) -> None:
+        """The follow-ups of `row`'s committed transition. `still_open`: a task of the
+        batch was seen open after the commit (None: not looked at), so it is not done."""
         self.publish(outcome.queued)
         self.free_slot(row)
-        if outcome.check_batch:
+        if outcome.check_batch and not still_open:
             self.close(row.batch_pk)
 
     def free_slot(self, row: TaskRow) -> None:

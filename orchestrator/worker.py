@@ -31,10 +31,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import capture, engine, execution, failpoints, handlers, logs, mapping
 from orchestrator.db.models import TaskLog
-from orchestrator.db.session import is_infrastructure, transaction
+from orchestrator.db.session import (
+    is_infrastructure,
+    lean_transaction,
+    single_statement,
+    transaction,
+)
 from orchestrator.db.types import json_problem
 from orchestrator.dispatcher import Dispatcher, RouteResult
-from orchestrator.engine import attempts, breaker, concurrency, expansion
+from orchestrator.engine import attempts, batches, breaker, concurrency, expansion
 from orchestrator.engine.types import Claimed, Outcome, TaskRow
 from orchestrator.errors import PermanentError
 from orchestrator.handlers.context import TaskContext
@@ -94,7 +99,9 @@ class Worker:
                        and concurrency.wait_for_slot(s, row, msg.attempt, now))
             return claimed, waiting
 
-        claimed, waiting = transaction(self.sessions, claim)
+        # A plain claim is one statement: on PostgreSQL, its own transaction.
+        claimed, waiting = (single_statement(self.sessions, claim) if fast is not None
+                            else transaction(self.sessions, claim))
         if waiting:
             logs.info("no free concurrency slot: waiting for one", outcome="waiting", **labels)
             return RouteResult("waiting")
@@ -189,21 +196,24 @@ class Worker:
         record = self._record(began, log, None)
 
         def commit_success(s: Session) -> tuple[Outcome, Claimed | None]:
-            outcome = engine.succeed(s, row, attempt, output, done)
-            attempts.finish(s, row, attempt, replace(
-                record, outcome="SUCCESS" if outcome.applied else attempts.DISCARDED,
-                finished_at=done), done)
+            # The attempt's record goes with the result (SUCCESS, or DISCARDED if fenced).
+            outcome = engine.succeed(s, row, attempt, output, done, attempt_record=record)
             known = {row.task_id: (output, TaskStatus.SUCCESS)} if row.map_index < 0 else {}
             nxt = (self._continue_with(s, outcome, done, known)
                    if outcome.applied and may_continue else None)
             failpoints.hit("before_success_commit")
             return outcome, nxt
 
-        outcome, nxt = transaction(self.sessions, commit_success)
+        # Whether the batch is still open is read with the COMMIT, when it is a question.
+        (outcome, nxt), still_open = lean_transaction(
+            self.sessions, commit_success,
+            lambda done: (batches.open_task_read(row.batch_pk)
+                          if done[0].check_batch else None))
         if not outcome.applied:
             logs.warning(f"result discarded: {outcome.reason}", outcome="stale", **labels)
             return RouteResult("stale", outcome.reason), None
-        self.dispatcher.after(outcome, row)
+        self.dispatcher.after(outcome, row,
+                              still_open=bool(still_open[0]) if still_open else None)
         logs.info(f"succeeded in {elapsed_ms:.1f} ms", outcome="succeeded", **labels)
         return RouteResult("succeeded", published=len(outcome.queued)), nxt
 

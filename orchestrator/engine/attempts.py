@@ -56,6 +56,11 @@ def _text(value: str | None) -> str | None:
     return storable_text(value) if value is not None else None
 
 
+def storable_log(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An attempt's log lines as the database can hold them."""
+    return [_entry(e) for e in log]
+
+
 def _entry(entry: dict[str, Any]) -> dict[str, Any]:
     if all(not isinstance(v, str) or text_problem(v) is None for v in entry.values()):
         return entry

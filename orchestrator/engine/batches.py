@@ -296,6 +296,14 @@ def retry_batch(
     return lookup.dispatches(session, pipeline, batch_id, promo.queued)
 
 
+def open_task_read(batch_pk: int) -> tuple[str, dict[str, Any]]:
+    """`_has_open_task` as SQL text (PostgreSQL), for a caller to send with its COMMIT:
+    a "still open" there spares the close its own transaction."""
+    states = ", ".join(f"'{st.value}'" for st in sorted(OPEN))
+    return (f"SELECT EXISTS (SELECT 1 FROM task_log WHERE batch_pk = %(b)s "
+            f"AND status IN ({states}))", {"b": batch_pk})
+
+
 def _has_open_task(session: Session, batch_pk: int) -> bool:
     return session.execute(
         select(TaskLog.id).where(TaskLog.batch_pk == batch_pk, TaskLog.status.in_(OPEN)).limit(1)

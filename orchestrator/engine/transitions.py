@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from orchestrator.db.models import TaskLog, task_log_table
 from orchestrator.db.types import UTCDateTime, storable_text
-from orchestrator.engine import catalog, concurrency, expansion, lookup
-from orchestrator.engine.dag import KIND_OF, check_and_trigger_children
+from orchestrator.engine import attempts, catalog, concurrency, expansion, hot, lookup
+from orchestrator.engine.dag import KIND_OF, Promotion, check_and_trigger_children
 from orchestrator.engine.events import event, record
 from orchestrator.engine.types import Claimed, Dispatch, Outcome, TaskRow
 from orchestrator.status import TaskStatus
@@ -102,6 +102,16 @@ def claim(session: Session, row: TaskRow, attempt: int, now: datetime,
                     error=None, next_attempt_at=None, updated_at=now)
             .returning(TaskLog.id, TaskLog.retry_base, TaskLog.input)
         ).first()
+    elif hot.available(session, row):
+        # One statement: the guarded UPDATE, its event and the parents' outputs.
+        fused = hot.claim(session, row, attempt, now, lease, known_parents)
+        if fused is None:
+            return None
+        (log_id, retry_base, given), parent_rows = fused
+        row = replace(row, log_id=log_id, retry_base=retry_base, input=given,
+                      status=S.RUNNING, attempt=attempt)
+        return Claimed(row=row, attempt=attempt, lease_expires_at=lease,
+                       input=task_input(session, row, known_parents, parent_rows))
     else:
         got = session.connection().execute(_CLAIM, {**_key(row, attempt), "now": now, "lease": lease}).first()
     if got is None:
@@ -116,21 +126,25 @@ def claim(session: Session, row: TaskRow, attempt: int, now: datetime,
 
 
 def task_input(session: Session, row: TaskRow,
-               known_parents: dict[int, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+               known_parents: dict[int, tuple[Any, Any]] | None = None,
+               read: list[tuple[int, Any, Any]] | None = None) -> dict[str, Any]:
     """The batch params, each parent's output by name, and what triggered the task."""
     # Parent ids come from the cached edges and their rows are read by key (a join from
     # the edges could scan the whole batch per claim). Parents whose (output, status)
     # the caller already holds, such as the one whose SUCCESS this very transaction
-    # wrote, need no read at all.
+    # wrote, need no read at all; nor do those the claim's own statement read (`read`).
     definition = catalog.task_def(session, row.task_id)
     known = known_parents or {}
     unknown = [p for p in definition.parents if p not in known]
     parent_rows = [(p, *known[p]) for p in definition.parents if p in known]
-    parent_rows += session.connection().execute(
-        select(TaskLog.task_id, TaskLog.output, TaskLog.status)
-        .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(unknown),
-               TaskLog.map_index == -1)
-    ).all() if unknown else []
+    if read is not None:
+        parent_rows += read
+    elif unknown:
+        parent_rows += session.connection().execute(
+            select(TaskLog.task_id, TaskLog.output, TaskLog.status)
+            .where(TaskLog.batch_pk == row.batch_pk, TaskLog.task_id.in_(unknown),
+                   TaskLog.map_index == -1)
+        ).all()
     parents = [(catalog.task_def(session, t).name, output, status)
                for t, output, status in parent_rows]
     out: dict[str, Any] = {
@@ -154,13 +168,57 @@ def task_input(session: Session, row: TaskRow,
 
 
 def succeed(
-    session: Session, row: TaskRow, attempt: int, output: dict[str, Any] | None, now: datetime
+    session: Session, row: TaskRow, attempt: int, output: dict[str, Any] | None, now: datetime,
+    *, attempt_record: attempts.AttemptRecord | None = None,
 ) -> Outcome:
-    """RUNNING -> SUCCESS for the attempt that holds the task; then move children on."""
+    """RUNNING -> SUCCESS for the attempt that holds the task; then move children on.
+
+    With `attempt_record`, the attempt's record is written too (outcome SUCCESS, or
+    DISCARDED when the guard found the task moved on), in the same transaction."""
+    if hot.available(session, row):
+        rec = None
+        if attempt_record is not None:
+            rec = {"started_at": attempt_record.started_at,
+                   "log": attempts.storable_log(attempt_record.log),
+                   "log_dropped": attempt_record.log_dropped, "worker": attempt_record.worker}
+        applied, children = hot.succeed(session, row, attempt, output, now, rec)
+        if not applied:
+            return Outcome(applied=False, reason="not RUNNING under this attempt (stale or fenced)")
+        return _promoted(session, row, now, children)
     got = session.connection().execute(_SUCCEED, {**_key(row, attempt), "now": now, "output": output}).first()
+    if attempt_record is not None:
+        attempts.finish(session, row, attempt, replace(
+            attempt_record, outcome="SUCCESS" if got is not None else attempts.DISCARDED,
+            finished_at=now), now)
     if got is None:
         return Outcome(applied=False, reason="not RUNNING under this attempt (stale or fenced)")
     return _finish(session, row, attempt, S.SUCCESS, now, {})
+
+
+def _promoted(session: Session, row: TaskRow, now: datetime,
+              children: list[tuple[int, int, TaskStatus]]) -> Outcome:
+    """The tail of a one-statement SUCCESS: its children's events are written; a child
+    it made terminal (SKIPPED) finishes its own children in turn."""
+    decided: list[tuple[int, int, TaskStatus]] = [
+        (t, a, st) for t, a, st in children if st is not S.PENDING]
+    waiting = {t for t, _, st in children if st is S.PENDING}
+    promo = Promotion(changed=decided)
+    terminal: dict[str, list[int]] = {}
+    for t, _, st in decided:
+        if st in KIND_OF:
+            terminal.setdefault(KIND_OF[st], []).append(t)
+    if terminal:
+        more = check_and_trigger_children(session, row.batch_pk, terminal, now)
+        promo.changed.extend(more.changed)
+        # A child still waiting here may have been decided by the cascade (its other
+        # parent was a sibling just skipped).
+        waiting -= {t for t, _, _ in more.changed}
+        promo.still_pending = more.still_pending
+        record(session, more.events)
+    promo.still_pending = promo.still_pending or bool(waiting)
+    queued = lookup.dispatches(session, row.pipeline, row.batch_id, promo.queued)
+    return Outcome(applied=True, queued=queued,
+                   check_batch=not queued and not promo.still_pending)
 
 
 def fail(
