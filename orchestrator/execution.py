@@ -261,6 +261,13 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 
+def reset_in_worker_process() -> None:
+    """In a worker process forked from a runtime: it has none of its parent's threads
+    nor their attempts, so its watchdog starts anew on first use."""
+    global _watchdog
+    _watchdog = _Watchdog()
+
+
 def _give_up(w: _Watch, reason: BaseException) -> None:
     """Record the outcome of an abandoned attempt, then tell the listeners (the bus
     counts its message done only once that outcome is in the task log)."""

@@ -99,6 +99,24 @@ def make_alert_sinks(settings: Settings, topic_publisher: Publisher | None = Non
     return sinks
 
 
+def _worker_router(settings: Settings, clock: Clock | None) -> Any:
+    """What a worker process builds once it starts: a router of its own, over its own
+    connections (a process never uses its parent's)."""
+
+    def build(publisher: Publisher, on_finished: Callable[[BatchFinished], None]) -> Any:
+        from orchestrator import execution, worker
+
+        execution.reset_in_worker_process()
+        worker.reset_in_worker_process()
+        db = make_engine(settings.resolved_database_url(), pool_size=2, max_overflow=2,
+                         pool_timeout=settings.db_pool_timeout_s)
+        rt = Runtime(settings, db, publisher, clock=clock)
+        rt.on_batch_finished(on_finished)
+        return rt.router.handle_payload
+
+    return build
+
+
 class Runtime:
     def __init__(
         self,
@@ -149,16 +167,30 @@ class Runtime:
     @classmethod
     def embedded(cls, settings: Settings | None = None, *, workers: int | None = None,
                  clock: Clock | None = None, migrate_db: bool = True,
-                 start: bool = True) -> Runtime:
+                 start: bool = True, processes: int | None = None) -> Runtime:
+        """The embedded runtime. `processes` (or ORCHESTRATOR_WORKER_PROCESSES) > 0 runs
+        that many worker processes instead of `workers` threads, on PostgreSQL; SQLite,
+        which has one writer, keeps its threads."""
         from orchestrator.adapters.local.bus import InProcessBus
 
         settings = settings or get_settings()
-        db = make_engine(settings.resolved_database_url(), pool_size=max(8, (workers or settings.workers) * 2),
+        url = settings.resolved_database_url()
+        db = make_engine(url, pool_size=max(8, (workers or settings.workers) * 2),
                          max_overflow=4, pool_timeout=settings.db_pool_timeout_s)
         if migrate_db:
             from orchestrator.db import migrate
 
             migrate.upgrade(db)
+        procs = processes if processes is not None else settings.worker_processes
+        if procs and db.dialect.name == "postgresql":
+            from orchestrator.adapters.local.procbus import ProcessBus
+
+            pbus = ProcessBus(procs, _worker_router(settings, clock))
+            rt = cls(settings, db, pbus, clock=clock, bus=pbus)
+            pbus.on_finished(rt._batch_finished_elsewhere)
+            if start:
+                pbus.start()
+            return rt
         bus = InProcessBus(workers or settings.workers)
         rt = cls(settings, db, bus, clock=clock, bus=bus)
         if start:
@@ -282,6 +314,11 @@ class Runtime:
             return self.router.handle_payload(payload)
         finally:
             self.events.poke()
+
+    def _batch_finished_elsewhere(self, finished: BatchFinished) -> None:
+        """A worker process finished a batch: tell this process's listeners."""
+        self.events.poke()
+        self._batch_finished(finished)
 
     def _batch_finished(self, finished: BatchFinished) -> None:
         for cb in list(self._finished_listeners):

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # Cap on RUNNING attempts of a task that sets no `concurrency` (None: unlimited).
     default_concurrency: int | None = Field(default=None, ge=1, json_schema_extra=cloud(DEFAULT))
     workers: int = Field(default=4, json_schema_extra=cloud(LOCAL))
+    # The embedded runtime on PostgreSQL: this many worker processes instead of the
+    # `workers` threads (0: threads), each with its own connections.
+    worker_processes: int = Field(default=0, ge=0, json_schema_extra=cloud(LOCAL))
     # A worker that finishes a task runs one of the children it just queued itself,
     # for up to this long per delivery (0 turns it off): no publish, no second hop.
     continuation_s: float = Field(default=30.0, json_schema_extra=cloud(DEFAULT))

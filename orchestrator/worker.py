@@ -51,6 +51,12 @@ from orchestrator.status import TaskStatus
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
+def reset_in_worker_process() -> None:
+    """In a worker process forked from a runtime: attempts are recorded under its pid."""
+    global WORKER_ID
+    WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
 class Worker:
     def __init__(
         self,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from orchestrator.cli.app import app
@@ -401,6 +402,43 @@ def test_dev_watches_the_bucket_folders_and_runs_what_lands(tmp_path):
     assert "gs://landing/in/2024-05/_SUCCESS → files/2024-05: queued" in text
     assert "batch files/2024-05 finished: SUCCESS" in text
     assert status_json("2024-05")["counts"] == {"SUCCESS": 2}
+
+
+@pytest.mark.postgres
+def test_dev_runs_the_tasks_in_worker_processes_on_postgres(tmp_path, pg_engine, pg_url):
+    """`dev --processes 2` on PostgreSQL: the landed file's batch runs in two worker
+    processes (not the dev process), whose end the console reports."""
+    write_yaml(tmp_path / "files.yaml", WAITS)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1",
+           "DATABASE_URL": pg_url}
+    proc = subprocess.Popen(
+        [str(BIN), "dev", "--pipelines", "files.yaml", "--poll", "0.1", "--stop-after", "30",
+         "--processes", "2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not any("watching" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else ""
+            lines.append(line)
+        marker = tmp_path / ".orchestrator/buckets/landing/in/2024-06/_SUCCESS"
+        marker.parent.mkdir(parents=True)
+        marker.write_text("")
+        deadline = time.monotonic() + 20
+        while not any("finished" in line for line in lines):
+            assert time.monotonic() < deadline, lines
+            lines.append(proc.stdout.readline())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "batch files/2024-06 finished: SUCCESS" in "".join(lines)
+    with pg_engine.connect() as conn:
+        workers = conn.execute(text(
+            "SELECT DISTINCT a.worker FROM task_attempts a JOIN batches b ON b.id = a.batch_pk"
+            " WHERE b.batch_id = '2024-06'")).scalars().all()
+    # Who ran each attempt is host:pid: never the dev process itself.
+    assert workers and all(not w.endswith(f":{proc.pid}") for w in workers), workers
 
 
 def test_sweep_reports_what_it_did(tmp_path):

@@ -6,9 +6,10 @@ one barrier, so their transactions overlap as much as the server allows.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -59,7 +60,8 @@ class Trial:
 class FanInHarness:
     """One fan-in pipeline; each trial is a new batch whose parents all finish at once."""
 
-    def __init__(self, sessions: sessionmaker[Session], n: int, now: datetime):
+    def __init__(self, sessions: sessionmaker[Session], n: int, now: datetime,
+                 processes: bool = False):
         self.sessions, self.n, self.now = sessions, n, now
         self.pipeline = f"fan_in_{n}"
         sync(sessions, spec_from_edges(self.pipeline, fan_in(n)), now)
@@ -67,7 +69,16 @@ class FanInHarness:
             select(Task.id).join(Pipeline, Pipeline.id == Task.pipeline_id)
             .where(Pipeline.name == self.pipeline, Task.name == "child")
         ).scalar_one())
-        self.pool = ThreadPoolExecutor(max_workers=n)
+        self.processes = processes
+        self.pool: Executor
+        if processes:
+            # Worker processes forked from here, each opening its own connections; they
+            # inherit the sessions and the barrier (neither can be sent to them).
+            ctx = mp.get_context("fork")
+            _inherited.update(sessions=sessions, barrier=ctx.Barrier(n, timeout=60), now=now)
+            self.pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+        else:
+            self.pool = ThreadPoolExecutor(max_workers=n)
         self.trials = 0
 
     def close(self) -> None:
@@ -124,7 +135,10 @@ class FanInHarness:
 
             return transaction(self.sessions, work)
 
-        outcomes = list(self.pool.map(finish, rows))
+        if self.processes:
+            outcomes = list(self.pool.map(_finish_in_process, [succeed_fn] * len(rows), rows))
+        else:
+            outcomes = list(self.pool.map(finish, rows))
         assert all(o.applied for o in outcomes)
         in_outcomes = sum(1 for o in outcomes for d in o.queued if d.task == "child")
         batch_pk = rows[0].batch_pk
@@ -145,12 +159,31 @@ class FanInHarness:
         return Trial(in_outcomes, events, status)
 
 
+_inherited: dict[str, Any] = {}
+
+
+def _finish_in_process(succeed_fn: SucceedFn, row: TaskRow) -> Outcome:
+    """One parent's SUCCESS in a worker process, released with the others by the barrier."""
+    sessions, barrier, now = _inherited["sessions"], _inherited["barrier"], _inherited["now"]
+    waited = False
+
+    def work(s: Session) -> Outcome:
+        nonlocal waited
+        s.execute(text("SET LOCAL synchronous_commit = off"))
+        if not waited:
+            waited = True
+            barrier.wait()
+        return succeed_fn(s, row, 1, {"from": row.task}, now)
+
+    return transaction(sessions, work)
+
+
 @pytest.fixture
 def harness(pg_sessions: sessionmaker[Session], clock: Any) -> Any:
     made: list[FanInHarness] = []
 
-    def make(n: int) -> FanInHarness:
-        h = FanInHarness(pg_sessions, n, clock.now())
+    def make(n: int, processes: bool = False) -> FanInHarness:
+        h = FanInHarness(pg_sessions, n, clock.now(), processes)
         made.append(h)
         return h
 
@@ -160,6 +193,7 @@ def harness(pg_sessions: sessionmaker[Session], clock: Any) -> Any:
 
 
 TRIALS = 200
+PROCESS_TRIALS = 60
 
 
 @pytest.mark.parametrize("n_parents", [2, 8, 32])
@@ -169,6 +203,17 @@ def test_child_of_simultaneous_parents_is_promoted_exactly_once(harness: Any, n_
     results = [h.trial(succeed) for _ in range(TRIALS)]
     bad = [(i, r) for i, r in enumerate(results) if not r.exactly_once]
     assert bad == [], f"{len(bad)}/{TRIALS} trials did not promote exactly once: {bad[:5]}"
+
+
+@pytest.mark.parametrize("n_parents", [2, 8])
+def test_child_of_parents_succeeding_in_separate_processes_is_promoted_exactly_once(
+        harness: Any, n_parents: int):
+    """The same, with each parent's SUCCESS in a worker process of its own (the embedded
+    runtime's worker processes), each with its own connection."""
+    h = harness(n_parents, processes=True)
+    results = [h.trial(succeed) for _ in range(PROCESS_TRIALS)]
+    bad = [(i, r) for i, r in enumerate(results) if not r.exactly_once]
+    assert bad == [], f"{len(bad)}/{PROCESS_TRIALS} trials did not promote exactly once: {bad[:5]}"
 
 
 def test_naive_unlocked_parent_check_loses_children(harness: Any):

@@ -320,3 +320,54 @@ def test_a_zombie_worker_process_of_a_mapped_instance_is_fenced_after_cancel_and
         output = s.execute(select(TaskLog.output).where(TaskLog.id == load.log_id)).scalar_one()
     assert output == [{"by": "rerun", "item": "x"}, {"by": "main", "item": "y"}]
     assert total.status == "SUCCESS"
+
+
+def test_a_worker_process_killed_between_effect_and_commit_is_replaced_and_recovered(
+        pg_engine: Engine, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        ) -> None:
+    """The embedded runtime with worker processes: one process dies for real after its
+    task's effect and before the SUCCESS commit. A new process takes its place, the
+    sweeper expires the dead attempt's lease, the retry succeeds, and no attempt's
+    effect ran twice."""
+    from orchestrator.runtime import Runtime
+    from orchestrator.settings import Settings
+
+    reset_process_caches()
+    rel.install(pg_engine)
+    killed = tmp_path / "killed"
+    real_hit = failpoints.hit
+
+    def hit(name: str) -> None:
+        # Once across all the processes: the first to create the file dies.
+        if name == "before_success_commit":
+            try:
+                os.close(os.open(killed, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+            os._exit(137)
+        real_hit(name)
+
+    # The worker processes are forked from here: they inherit the patched failpoint.
+    monkeypatch.setattr(failpoints, "hit", hit)
+    tasks = [{"name": name, "handler": rel.HANDLER, "depends_on": parents, "timeout_s": 1,
+              "retry": {"max_attempts": 3, "initial_delay_s": 0.1}}
+             for name, parents in (("a", []), ("b", ["a"]), ("c", ["b"]))]
+    rt = Runtime.embedded(Settings(database_url=pg_url, home=tmp_path, redispatch_after_s=1.0),
+                          processes=2, migrate_db=False)
+    try:
+        rt.sync_specs([rel.pipeline("killed", tasks)])
+        first = set(rt.bus.pids()) if rt.bus is not None else set()
+        assert rt.start_batch("killed", "k1")
+        assert str(rt.wait("killed", "k1", timeout=60, sweep_every_s=0.2)) == "SUCCESS"
+        replaced = set(rt.bus.pids()) - first if rt.bus is not None else set()
+    finally:
+        rt.close()
+    assert killed.exists() and replaced, "no worker process died and was replaced"
+    states = {t: s for (b, t), s in rel.task_states(pg_engine).items() if b == "k1"}
+    assert {t: s for t, (s, _) in states.items()} == {"a": "SUCCESS", "b": "SUCCESS",
+                                                      "c": "SUCCESS"}
+    raw = rel.effects(pg_engine)
+    assert max(raw.values()) == 1  # an attempt's effect never ran twice
+    assert sum(raw.values()) == 4  # the dead attempt's effect, and one per task
+    for task, (_, attempt) in states.items():
+        assert raw[("k1", task, attempt)] == 1

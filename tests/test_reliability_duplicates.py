@@ -4,6 +4,8 @@ shuffled, by concurrent workers, into the embedded runtime, over random DAGs."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import random
 import threading
 import time
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.postgres
 PIPELINES = 12
 BATCHES = 120
 WORKERS = 8
+PROCESSES = 4
 
 
 class DuplicatingBus:
@@ -117,34 +120,98 @@ def effect(pg_engine: Engine) -> Iterator[rel.EffectHandler]:
     handlers.unregister(rel.HANDLER)
 
 
-def test_duplicated_shuffled_concurrent_deliveries_lose_nothing_and_double_nothing(
-        pg_engine: Engine, pg_url: str, effect: rel.EffectHandler) -> None:
-    """120 batches of 12 random DAGs: every batch terminal as the model predicts,
-    one side effect per successful attempt, one handler call per claim."""
-    reset_process_caches()
-    rng = random.Random(20240301)
+class _Copies:
+    """Counts of messages published and delivered, shared with worker processes."""
+
+    def __init__(self, seed: int):
+        self.published = mp.get_context("fork").Value("q", 0)
+        self.deliveries = mp.get_context("fork").Value("q", 0)
+        self.seed = seed
+
+    def duplicating(self, publish: Callable[..., None]) -> Callable[..., None]:
+        """`publish`, sending each message 1-3 times, shuffled within what it is given."""
+        copies = self
+        rngs: dict[int, random.Random] = {}
+
+        def dup(bus: Any, messages: Sequence[OutboundMessage]) -> None:
+            rng = rngs.setdefault(os.getpid(), random.Random(copies.seed + os.getpid()))
+            out = [m for m in messages for _ in range(rng.randint(1, 3))]
+            rng.shuffle(out)
+            with copies.published.get_lock():
+                copies.published.value += len(messages)
+                copies.deliveries.value += len(out)
+            publish(bus, out)
+
+        return dup
+
+
+def _run_on_threads(pg_engine: Engine, pg_url: str, specs: list[Any],
+                    batches: dict[str, Any]) -> tuple[int, int, Counter[Any] | None]:
     bus = DuplicatingBus(WORKERS, seed=7)
     rt = Runtime(Settings(database_url=pg_url), pg_engine, bus, bus=bus)
-    specs = [rel.random_dag(rng, f"dag{i}") for i in range(PIPELINES)]
     rt.sync_specs(specs)
-    batches = {f"b{i:03d}": specs[i % PIPELINES] for i in range(BATCHES)}
     bus.start()
     try:
         # The start messages are duplicated and shuffled too.
         bus.send([{"type": "start_batch", "pipeline": spec.name, "batch_id": b}
                   for b, spec in batches.items()])
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            states = rel.batch_states(pg_engine)
-            if len(states) == BATCHES and all(s != "RUNNING" for s in states.values()) \
-                    and bus.drain(0.05):
-                break
-            time.sleep(0.05)
-        assert bus.drain(10)
+        _wait_for_all(pg_engine, bus)
     finally:
         bus.stop()
-
     assert bus.unhandled == []
+    return bus.published, bus.deliveries, None
+
+
+def _run_on_processes(pg_engine: Engine, pg_url: str, specs: list[Any],
+                      batches: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                      ) -> tuple[int, int, Counter[Any] | None]:
+    """The embedded runtime with worker processes, whose every publish (and the test's
+    own start messages) is duplicated: the processes inherit the patched publisher."""
+    from orchestrator.adapters.local import procbus
+
+    copies = _Copies(seed=7)
+    monkeypatch.setattr(procbus._QueuePublisher, "publish",
+                        copies.duplicating(procbus._QueuePublisher.publish))
+    rt = Runtime.embedded(Settings(database_url=pg_url), processes=PROCESSES, migrate_db=False)
+    try:
+        rt.sync_specs(specs)
+        assert rt.bus is not None
+        rt.bus.publish([OutboundMessage(data={"type": "start_batch", "pipeline": spec.name,
+                                              "batch_id": b}, attributes={})
+                        for b, spec in batches.items()])
+        _wait_for_all(pg_engine, rt.bus)
+    finally:
+        rt.close()
+    return int(copies.published.value), int(copies.deliveries.value), None
+
+
+def _wait_for_all(pg_engine: Engine, bus: Any) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        states = rel.batch_states(pg_engine)
+        if len(states) == BATCHES and all(s != "RUNNING" for s in states.values()) \
+                and bus.drain(0.05):
+            break
+        time.sleep(0.05)
+    assert bus.drain(10)
+
+
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_duplicated_shuffled_concurrent_deliveries_lose_nothing_and_double_nothing(
+        pg_engine: Engine, pg_url: str, effect: rel.EffectHandler, workers: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """120 batches of 12 random DAGs: every batch terminal as the model predicts,
+    one side effect per successful attempt, one handler call per claim; with worker
+    threads, and with worker processes (each with its own connections)."""
+    reset_process_caches()
+    rng = random.Random(20240301)
+    specs = [rel.random_dag(rng, f"dag{i}") for i in range(PIPELINES)]
+    batches = {f"b{i:03d}": specs[i % PIPELINES] for i in range(BATCHES)}
+    if workers == "threads":
+        published, deliveries, _ = _run_on_threads(pg_engine, pg_url, specs, batches)
+    else:
+        published, deliveries, _ = _run_on_processes(pg_engine, pg_url, specs, batches,
+                                                     monkeypatch)
     states = rel.task_states(pg_engine)
     batch_states = rel.batch_states(pg_engine)
     expected_tasks: dict[tuple[str, str], tuple[str, int]] = {}
@@ -161,16 +228,17 @@ def test_duplicated_shuffled_concurrent_deliveries_lose_nothing_and_double_nothi
     assert set(effects) == successes
     assert max(effects.values()) == 1
     claimed = rel.claims(pg_engine)
-    assert claimed == effect.calls  # each claim ran the handler once, each call was claimed
+    if workers == "threads":  # the handler's own count lives in each worker process
+        assert claimed == effect.calls  # each claim ran the handler once, each call claimed
     assert max(claimed.values()) == 1
 
-    duplicates = bus.deliveries - bus.published
+    duplicates = deliveries - published
     outcomes = Counter(s for s, _ in states.values())
-    assert duplicates > bus.published // 2
+    assert duplicates > published // 2
     assert len(batches) >= 100 and outcomes["SUCCESS"] and outcomes["ERROR"]
     assert outcomes["UPSTREAM_FAILED"] and outcomes["SKIPPED"]
-    print(f"\nduplicates: {len(batches)} batches, {len(states)} tasks, {bus.published} "
-          f"messages, {bus.deliveries} deliveries ({duplicates} duplicates), "
+    print(f"\nduplicates ({workers}): {len(batches)} batches, {len(states)} tasks, {published} "
+          f"messages, {deliveries} deliveries ({duplicates} duplicates), "
           f"{sum(claimed.values())} claims, {sum(effects.values())} effects, "
           f"lost 0, doubled 0")
 

@@ -763,6 +763,12 @@ def dev(
     poll: Annotated[float, typer.Option(help="Seconds between scans of the bucket folders.")] = 0.5,
     sweep_every: Annotated[float, typer.Option(help="Seconds between sweeps.")] = 1.0,
     stop_after: Annotated[float | None, typer.Option(hidden=True)] = None,
+    processes: Annotated[int | None, typer.Option(
+        "--processes", min=0,
+        help="On PostgreSQL: run tasks in this many worker processes (each with its own "
+             "connections) instead of threads; 0 for threads. Worker processes keep the "
+             "Python modules they loaded until restarted. Default: "
+             "ORCHESTRATOR_WORKER_PROCESSES, else 0.")] = None,
 ) -> None:
     """Run the embedded runtime in the foreground until Ctrl-C.
 
@@ -779,7 +785,7 @@ def dev(
     s = settings()
     if is_cloud(s):
         raise UsageProblem("`dev` runs the embedded runtime; unset ORCHESTRATOR_GCP_PROJECT")
-    with runtime(embedded_only=True) as rt:
+    with runtime(embedded_only=True, processes=processes) as rt:
         source = pipelines or (s.pipelines_dir if s.pipelines_dir.exists() else None)
         if source is not None:
             if not source.exists():

@@ -198,13 +198,15 @@ def read_session() -> Iterator[Session]:
 
 
 @contextmanager
-def runtime(*, embedded_only: bool = False) -> Iterator[Any]:
+def runtime(*, embedded_only: bool = False, processes: int | None = None) -> Iterator[Any]:
     """The embedded runtime (bus started, database migrated), or the cloud wiring when
-    ORCHESTRATOR_GCP_PROJECT and DATABASE_URL are set."""
+    ORCHESTRATOR_GCP_PROJECT and DATABASE_URL are set. `processes`: worker processes of
+    the embedded runtime on PostgreSQL (None: ORCHESTRATOR_WORKER_PROCESSES)."""
     from orchestrator.runtime import Runtime
 
     s = settings()
-    rt = Runtime.cloud(s) if is_cloud(s) and not embedded_only else Runtime.embedded(s)
+    rt = (Runtime.cloud(s) if is_cloud(s) and not embedded_only
+          else Runtime.embedded(s, processes=processes))
     try:
         yield rt
     finally:

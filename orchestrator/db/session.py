@@ -10,6 +10,7 @@ different orders), and turns "cannot reach the database" into
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import weakref
@@ -42,7 +43,7 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
         _configure_sqlite(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         echo=echo,
         pool_size=pool_size,
@@ -55,6 +56,24 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
         pool_recycle=1800,
         connect_args={"connect_timeout": 5, "application_name": "orchestrator"},
     )
+    _one_process_per_connection(engine)
+    return engine
+
+
+def _one_process_per_connection(engine: Engine) -> None:
+    """A worker process forked from this one never uses a connection this process
+    opened (two processes on one socket corrupt both): it opens its own instead."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(_dbapi_conn: Any, record: Any) -> None:
+        record.info["pid"] = os.getpid()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(_dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        if record.info.get("pid") != os.getpid():
+            # Forget it without closing it (closing would end the parent's session).
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise sa_exc.DisconnectionError("connection opened by another process")
 
 
 def _configure_sqlite(engine: Engine) -> None:
