@@ -91,7 +91,8 @@ def _fmt(v: float | None) -> str:
 def _note(m: Metric) -> str:
     if m.status != "ok":
         return f"{m.status}: {m.reason}"
-    keys = ("workers", "tasks", "handler", "method", "statements", "task_log_rows")
+    keys = ("workers", "mode", "tasks", "handler", "method", "statements", "statements_per_task",
+            "task_log_rows")
     bits = [f"{k}={m.params[k]}" for k in keys if k in m.params]
     if m.params.get("forbidden_loaded"):
         bits.append(f"loaded {','.join(m.params['forbidden_loaded'])}")

@@ -223,14 +223,17 @@ class BenchRuntime:
     """The embedded runtime (in-process bus, real router, engine and handlers), plus
     a completion signal per batch so that waiting costs no polling queries."""
 
-    def __init__(self, url: str, workers: int):
+    def __init__(self, url: str, workers: int, *, processes: bool = False):
         from orchestrator.runtime import Runtime
         from orchestrator.settings import Settings
 
         self._home = tempfile.TemporaryDirectory(prefix="bench-home-")
         # The database was migrated when it was created; do not time alembic here.
+        # With `processes`, `workers` worker processes (PostgreSQL); else threads. The
+        # statement counter sees this process only: the threads' figures are complete.
         self.rt = Runtime.embedded(Settings(home=Path(self._home.name), database_url=url),
-                                   workers=workers, migrate_db=False)
+                                   workers=workers, migrate_db=False,
+                                   processes=workers if processes else 0)
         self.statements = StatementCounter(self.rt.db)
         self._done: dict[str, threading.Event] = {}
         self.finished: dict[str, Any] = {}

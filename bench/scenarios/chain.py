@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import statistics
 from typing import Any
 
 from bench.core import (
@@ -43,10 +44,19 @@ def chain40(ctx: Context) -> list[Metric]:
                     # One unmeasured batch: first-use costs (handler import, statement
                     # compilation caches) are cold start, not per-hop overhead.
                     br.run_batch(name, "warmup", timeout=60)
-                    totals = repeat(lambda i, n=name: br.run_batch(n, f"r{i}", timeout=120),
-                                    z.repeats)
+                    per_task: list[float] = []
+
+                    def once(i: int, n: str = name, br: BenchRuntime = br,
+                             per_task: list[float] = per_task) -> float:
+                        br.statements.reset()
+                        wall = br.run_batch(n, f"r{i}", timeout=120)
+                        per_task.append(br.statements.reset() / z.chain_len)
+                        return wall
+
+                    totals = repeat(once, z.repeats)
                     params = {"backend": backend, "tasks": z.chain_len, "handler": handler,
-                              "task_sleep_s": z.chain_sleep_s, "workers": CHAIN_WORKERS}
+                              "task_sleep_s": z.chain_sleep_s, "workers": CHAIN_WORKERS,
+                              "statements_per_task": round(statistics.median(per_task), 2)}
                     hname = "" if handler == "noop" else "_python"
                     out.append(Metric(f"chain40{hname}_total_s{sfx}", "s", totals, params,
                                       target="<= 0.45" if not sfx and not hname else None))
@@ -74,10 +84,15 @@ def noop_chain(ctx: Context) -> list[Metric]:
                 br.run_batch("noop_chain", "warmup", timeout=60)
                 medians, p95s, per_task = [], [], []
 
+                statements: list[float] = []
+
                 def once(i: int, br: BenchRuntime = br, per_task: list[float] = per_task,
-                         medians: list[float] = medians, p95s: list[float] = p95s) -> None:
+                         medians: list[float] = medians, p95s: list[float] = p95s,
+                         statements: list[float] = statements) -> None:
                     bid = f"r{i}"
+                    br.statements.reset()
                     total = br.run_batch("noop_chain", bid, timeout=120)
+                    statements.append(br.statements.reset() / z.noop_chain_len)
                     per_task.append(total / z.noop_chain_len * 1000)
                     with br.rt.db.connect() as c:
                         hops = _hops(c, text, bid)
@@ -87,6 +102,7 @@ def noop_chain(ctx: Context) -> list[Metric]:
                 repeat(once, z.repeats)
                 params = {"backend": backend, "tasks": z.noop_chain_len,
                           "workers": CHAIN_WORKERS,
+                          "statements_per_task": round(statistics.median(statements), 2),
                           "measured": "child handler start minus parent handler end"}
                 out.append(Metric(f"hop_overhead_ms{sfx}", "ms", medians,
                                   {**params, "statistic": "median hop per run"},

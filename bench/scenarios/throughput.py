@@ -126,35 +126,44 @@ def throughput(ctx: Context) -> list[Metric]:
     for backend in ctx.backends:
         sfx = suffix(backend)
         window = z.throughput_window_s if backend == "postgresql" else z.throughput_window_sqlite_s
-        best = 0.0
+        # Worker processes are the headline on PostgreSQL, threads beside them; SQLite
+        # has one writer and runs threads only.
+        modes = ("processes", "threads") if backend == "postgresql" else ("threads",)
         try:
-            for workers in z.throughput_workers:
-                # Enough tasks that the queue never runs dry inside the window.
-                guess = max(best * 2.5, 150.0 * workers if not best else 0)
-                n_tasks = int(min(60_000, max(200, guess * window)))
-                with ctx.scratch_url(backend, f"tput{workers}") as url:
-                    rates, params = _throughput_run(url, workers, n_tasks, window)
-                best = max(best, max(rates, default=0.0))
-                name = f"throughput_per_s{'' if workers == 4 else f'_w{workers}'}{sfx}"
-                out.append(Metric(name, "1/s", rates,
-                                  {"backend": backend, "workers": workers, **params}))
+            for mode in modes:
+                best = 0.0
+                for workers in z.throughput_workers:
+                    # Enough tasks that the queue never runs dry inside the window.
+                    guess = max(best * 2.5, 150.0 * workers if not best else 0)
+                    n_tasks = int(min(60_000, max(200, guess * window)))
+                    with ctx.scratch_url(backend, f"tput{workers}") as url:
+                        rates, params = _throughput_run(url, workers, n_tasks, window,
+                                                        processes=mode == "processes")
+                    best = max(best, max(rates, default=0.0))
+                    tag = "_threads" if mode == "threads" and backend == "postgresql" else ""
+                    name = f"throughput{tag}_per_s{'' if workers == 4 else f'_w{workers}'}{sfx}"
+                    out.append(Metric(name, "1/s", rates, {"backend": backend, "mode": mode,
+                                                           "workers": workers, **params}))
         except Skipped as exc:
             out.append(skipped(f"throughput_per_s{sfx}", str(exc), "1/s"))
     return out
 
 
-def _throughput_run(url: str, workers: int, n_tasks: int, window: float) -> tuple[list[float], dict[str, Any]]:
+def _throughput_run(url: str, workers: int, n_tasks: int, window: float, *,
+                    processes: bool = False) -> tuple[list[float], dict[str, Any]]:
     from sqlalchemy import text
 
     from orchestrator.db.types import UTCDateTime  # noqa: F401 - the column type parses timestamps
 
     parents: dict[str, list[str]] = {f"t{i}": [] for i in range(n_tasks)}
-    with BenchRuntime(url, workers) as br:
+    with BenchRuntime(url, workers, processes=processes) as br:
         br.rt.sync_specs([pipeline("independent", parents)])
         t_start = time.perf_counter()
         br.rt.start_batch("independent", "tput")
         started_s = time.perf_counter() - t_start
+        br.statements.reset()
         time.sleep(window)
+        statements = br.statements.reset()
         with br.rt.db.connect() as c:
             rows = c.execute(text(
                 "SELECT l.finished_at FROM task_log l JOIN batches b ON b.id = l.batch_pk "
@@ -179,5 +188,8 @@ def _throughput_run(url: str, workers: int, n_tasks: int, window: float) -> tupl
     params = {"tasks_in_batch": n_tasks, "completed": len(ts), "window_s": window,
               "bin_s": round(bin_s, 3), "start_batch_s": round(started_s, 3),
               "drained_early": len(ts) == n_tasks,
+              **({} if processes else {
+                  # Every statement sent in the window, over the tasks that finished in it.
+                  "statements_per_task": round(statements / max(1, len(ts)), 2)}),
               "mean_rate_per_s": round((len(ts) - 1) / (last - first), 1)}
     return rates, params

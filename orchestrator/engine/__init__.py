@@ -10,7 +10,9 @@ Two kinds of transaction, and how they stay out of each other's way:
   then their children's, deeper at each step. They never lock the batch row, so
   the workers of one batch never wait on each other unless they share a child.
   Each is a guarded UPDATE (see `transitions`), which is what makes it safe
-  against duplicates and zombies.
+  against duplicates and zombies. On PostgreSQL a plain task's claim, and its
+  SUCCESS, are that UPDATE with its event and record in one statement (`hot`); the
+  children's decrement stays a statement of its own, after the parent's lock.
 - Whole-batch operations read or change many rows of one batch and need them to
   hold still: `cancel_batch`, `retry_batch`, `close_batch_if_done`, and a mapped
   task's `expansion.expand`. Each takes the batch row's lock first (exclusive,
