@@ -305,7 +305,7 @@ def chain_parents(n: int, prefix: str = "t") -> dict[str, list[str]]:
 def pipeline(name: str, parents: dict[str, list[str]],
              task: Callable[[str], dict[str, Any]] | None = None) -> Any:
     """A pipeline spec from a parents map; `task(name)` adds fields (handler, config)."""
-    from orchestrator.pipeline.spec import build_pipeline
+    from orchestrator.pipeline.load import build_pipeline
 
     tasks = [{"name": t, "handler": "noop", "depends_on": ps, **(task(t) if task else {})}
              for t, ps in parents.items()]

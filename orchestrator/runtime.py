@@ -219,7 +219,7 @@ class Runtime:
     # -- operations -------------------------------------------------------------------
 
     def sync(self, path: str | Path) -> list[SyncResult]:
-        from orchestrator.pipeline.spec import load_pipelines
+        from orchestrator.pipeline.load import load_pipelines
 
         specs = load_pipelines(path)
         return self.sync_specs(specs)

@@ -22,7 +22,8 @@ from typing import Any
 from orchestrator import capture, execution, handlers, usercode
 from orchestrator.errors import InvalidInput, PermanentError
 from orchestrator.handlers.context import TaskContext
-from orchestrator.pipeline.spec import PipelineSpec, TaskSpec, load_pipelines
+from orchestrator.pipeline.load import load_pipelines
+from orchestrator.pipeline.spec import PipelineSpec, TaskSpec
 from orchestrator.ports import Clock, ObjectStore, SystemClock, Warehouse
 from orchestrator.settings import Settings, get_settings
 

@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.db.session import transaction
-from orchestrator.pipeline.spec import PipelineSpec, build_pipeline
+from orchestrator.pipeline.load import build_pipeline
+from orchestrator.pipeline.spec import PipelineSpec
 from orchestrator.pipeline.sync import sync_pipeline
 
 

@@ -16,7 +16,8 @@ from sqlalchemy.engine import Engine
 from orchestrator import handlers
 from orchestrator.errors import PermanentError
 from orchestrator.handlers.context import TaskContext
-from orchestrator.pipeline.spec import PipelineSpec, build_pipeline
+from orchestrator.pipeline.load import build_pipeline
+from orchestrator.pipeline.spec import PipelineSpec
 
 HANDLER = "effect"
 EFFECTS_DDL = (

@@ -26,7 +26,7 @@ from orchestrator.db.session import make_engine, make_sessionmaker, transaction
 from orchestrator.errors import PermanentError
 from orchestrator.handlers.context import TaskContext
 from orchestrator.messages import StartBatch
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.pipeline.sync import sync_pipeline
 from orchestrator.router import Router
 from orchestrator.testing import RecordingPublisher, reset_process_caches

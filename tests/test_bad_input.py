@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from orchestrator import bootstrap
 from orchestrator.db.session import make_engine
 from orchestrator.edge import PUBSUB_PUBLISHED, STORAGE_FINALIZED
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from orchestrator.testing import (

@@ -30,7 +30,7 @@ from orchestrator.engine import expansion, locks
 from orchestrator.engine.types import Dispatch, Outcome, TaskRow
 from orchestrator.handlers.context import TaskContext
 from orchestrator.messages import RunTask
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.router import Router
 from orchestrator.status import TaskStatus
 from orchestrator.testing import RecordingPublisher, reset_process_caches

@@ -20,7 +20,7 @@ from orchestrator.db.models import Alert, Batch, TaskEvent
 from orchestrator.db.session import make_engine, make_sessionmaker, transaction
 from orchestrator.engine import claim, resolve_task, succeed
 from orchestrator.messages import StartBatch
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.pipeline.sync import sync_pipeline
 from orchestrator.router import Router
 from orchestrator.storage_events import StorageObject

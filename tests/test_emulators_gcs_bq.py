@@ -17,7 +17,8 @@ from orchestrator.errors import PermanentError
 from orchestrator.examples_data import SALES_COLUMNS, write_monthly_files
 from orchestrator.handlers.context import TaskContext
 from orchestrator.pipeline.checks import prepare_spec
-from orchestrator.pipeline.spec import PipelineSpec, load_pipeline
+from orchestrator.pipeline.load import load_pipeline
+from orchestrator.pipeline.spec import PipelineSpec
 from orchestrator.ports import Column, JobState
 from tests.emulators import BqEmulator, GcsEmulator, bq_emulator, gcs_emulator  # noqa: F401
 

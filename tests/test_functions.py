@@ -16,7 +16,7 @@ from orchestrator import bootstrap, queries
 from orchestrator.db.models import Batch, TaskLog
 from orchestrator.edge import DEAD_LETTER_COUNT_ATTRIBUTE
 from orchestrator.handlers.context import TaskContext
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from orchestrator.testing import (

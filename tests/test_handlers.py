@@ -18,7 +18,8 @@ from orchestrator.examples_data import write_monthly_files
 from orchestrator.handlers import bigquery_query, parquet_to_bigquery
 from orchestrator.handlers.context import TaskContext
 from orchestrator.pipeline.checks import prepare_spec, prepared_configs
-from orchestrator.pipeline.spec import PipelineSpec, build_pipeline, load_pipeline
+from orchestrator.pipeline.load import build_pipeline, load_pipeline
+from orchestrator.pipeline.spec import PipelineSpec
 from orchestrator.ports import JobState
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "monthly_profit.yaml"

@@ -1,6 +1,6 @@
-"""Imports point downward only: the engine imports nothing above it, and the units
-of the router import each other in one direction (AST of every module, lazy
-imports included)."""
+"""Imports point downward only: the engine imports nothing above it, the units of
+the router import each other in one direction, and no two modules import each
+other (AST of every module, lazy imports included)."""
 
 from __future__ import annotations
 
@@ -78,3 +78,27 @@ def test_router_units_use_each_other_in_one_direction_only() -> None:
         if (dep in UNITS or dep == "orchestrator.router") and dep != unit and dep not in allowed
     }
     assert wrong == set()
+
+
+def imported_modules(path: Path, known: dict[str, Path]) -> set[str]:
+    """The modules a file imports, precisely: `from pkg import sub` imports the module
+    `pkg.sub` when there is one, and the package `pkg` only for a name it defines."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known
+                     else node.module for a in node.names}
+        else:
+            continue
+        out |= resolved({n for n in names if n.startswith("orchestrator")}, known)
+    return out
+
+
+def test_no_two_modules_import_each_other() -> None:
+    known = modules()
+    deps = {m: imported_modules(path, known) - {m} for m, path in known.items()}
+    mutual = {(a, b) for a, imported in deps.items() for b in imported
+              if a < b and a in deps.get(b, set())}
+    assert mutual == set()

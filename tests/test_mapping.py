@@ -18,7 +18,7 @@ from orchestrator.db.session import transaction
 from orchestrator.engine import expansion
 from orchestrator.engine.types import Outcome
 from orchestrator.errors import PermanentError
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.ports import SystemClock
 from orchestrator.testing import reset_process_caches
 from tests.dags import spec_from_edges, sync

@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 from orchestrator import bootstrap
 from orchestrator.names import NameMap
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from orchestrator.storage_events import StorageObject

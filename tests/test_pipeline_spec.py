@@ -15,13 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator.db.models import Pipeline, Task, TaskDependency
 from orchestrator.db.session import transaction
 from orchestrator.errors import PipelineValidationError
-from orchestrator.pipeline.spec import (
-    GcsTrigger,
-    RetryPolicy,
-    build_pipeline,
-    load_pipeline,
-    load_pipelines,
-)
+from orchestrator.pipeline.load import build_pipeline, load_pipeline, load_pipelines
+from orchestrator.pipeline.spec import GcsTrigger, RetryPolicy
 from orchestrator.pipeline.sync import SyncResult, sync_pipeline
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "monthly_profit.yaml"

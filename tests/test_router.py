@@ -21,7 +21,7 @@ from orchestrator.errors import (
 )
 from orchestrator.handlers.context import TaskContext
 from orchestrator.messages import RunTask, StartBatch
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.router import Router
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator.db.models import Batch, Pipeline, ScheduleState
 from orchestrator.db.session import make_engine, make_sessionmaker, transaction
 from orchestrator.errors import InvalidInput
-from orchestrator.pipeline.spec import PipelineSpec, build_pipeline
+from orchestrator.pipeline.load import build_pipeline
+from orchestrator.pipeline.spec import PipelineSpec
 from orchestrator.pipeline.sync import sync_pipeline
 from orchestrator.router import Router
 from orchestrator.schedules import listing, set_paused

@@ -26,7 +26,7 @@ from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskLo
 from orchestrator.db.session import make_sessionmaker, transaction
 from orchestrator.engine import cancel_batch, claim, fail, resolve_task, start_batch, succeed
 from orchestrator.errors import PermanentError
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from orchestrator.status import TaskStatus

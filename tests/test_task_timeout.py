@@ -25,7 +25,7 @@ from orchestrator.db.models import TaskAttempt
 from orchestrator.db.session import transaction
 from orchestrator.handlers.context import TaskContext
 from orchestrator.messages import StartBatch
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.router import Router
 from orchestrator.testing import RecordingPublisher, reset_process_caches
 from tests.dags import sync

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import PipelineValidationError
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.pipeline.timing import (
     DeadlineSpec,
     ScheduleSpec,

@@ -199,7 +199,7 @@ def test_the_task_page_shows_each_attempts_lines_by_stream_and_its_traceback(
     attempt, the first attempt's cut marked, its traceback."""
     from orchestrator import handlers
     from orchestrator.messages import StartBatch
-    from orchestrator.pipeline.spec import build_pipeline
+    from orchestrator.pipeline.load import build_pipeline
     from orchestrator.router import Router
     from orchestrator.testing import reset_process_caches
     from tests.dags import sync
@@ -799,7 +799,7 @@ def test_a_mapped_task_shows_its_instance_counts_and_its_failed_instance_first(
 
 
 def test_a_scheduled_pipeline_shows_its_schedule_and_a_batch_its_deadline(runtime, clock):
-    from orchestrator.pipeline.spec import build_pipeline
+    from orchestrator.pipeline.load import build_pipeline
     from tests.dags import spec_from_edges
 
     spec = build_pipeline({

@@ -133,7 +133,7 @@ def test_a_module_that_cannot_load_fails_the_task_at_once_naming_file_and_line(
     spec = {"name": "p", "tasks": [{"name": "t", "handler": "python",
                                     "config": {"callable": f"{name}:run"},
                                     "retry": {"max_attempts": 3}}]}
-    from orchestrator.pipeline.spec import build_pipeline
+    from orchestrator.pipeline.load import build_pipeline
 
     sync(pg_sessions, build_pipeline(spec), clock.now())
     router.start_batch(StartBatch(type="start_batch", pipeline="p", batch_id="b1"))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import demo
-from orchestrator.pipeline.spec import build_pipeline
+from orchestrator.pipeline.load import build_pipeline
 from orchestrator.runtime import Runtime
 from tests.ui_support import HOSTILE, big_batch, failed_diamond
 

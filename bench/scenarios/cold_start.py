@@ -198,7 +198,7 @@ def cold_first_ack(ctx: Context) -> list[Metric]:
     from sqlalchemy import text
 
     from orchestrator.db.session import make_engine
-    from orchestrator.pipeline.spec import build_pipeline
+    from orchestrator.pipeline.load import build_pipeline
     from orchestrator.runtime import Runtime
     from orchestrator.settings import Settings
     from orchestrator.testing import RecordingPublisher

@@ -168,7 +168,7 @@ def deploy(
     from orchestrator.db import migrate
     from orchestrator.db.session import make_engine, make_sessionmaker, transaction
     from orchestrator.pipeline.checks import prepare_spec
-    from orchestrator.pipeline.spec import load_pipelines
+    from orchestrator.pipeline.load import load_pipelines
     from orchestrator.pipeline.sync import sync_pipeline
     from orchestrator.ports import SystemClock
 

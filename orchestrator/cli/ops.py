@@ -34,7 +34,7 @@ def sync(rt: Any, path: Path) -> list[Any]:
 
     from orchestrator import usercode
     from orchestrator.pipeline.checks import prepare_spec
-    from orchestrator.pipeline.spec import load_pipelines
+    from orchestrator.pipeline.load import load_pipelines
 
     specs = load_pipelines(path)
     # This command may run the tasks itself (`run`, `dev`): their modules import from here.

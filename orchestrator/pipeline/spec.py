@@ -1,7 +1,8 @@
-"""Pipelines as code: the typed definition, built from YAML or from Python.
+"""Pipelines as code: the typed definition, and its structural validation.
 
 Validation collects every problem before reporting, so a user fixes a file in
-one pass, and nothing is written unless the whole definition is sound.
+one pass, and nothing is written unless the whole definition is sound. Reading
+files, and the handlers' own config checks, live in `orchestrator.pipeline.load`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.errors import PipelineValidationError
 from orchestrator.identifiers import NAME_RE
 from orchestrator.pipeline.timing import AlertsSpec, DeadlineSpec, ScheduleSpec, TimeRule
 from orchestrator.status import TriggerRule
@@ -185,22 +184,15 @@ def _problems_from_pydantic(exc: ValidationError, source: dict[str, Any]) -> lis
     return out
 
 
-def build_pipeline(
-    data: Any,
-    *,
-    source: str = "<pipeline>",
-    base_dir: Path | None = None,
-    known_handlers: Iterable[str] | None = None,
-) -> PipelineSpec:
-    """Validate a definition (a dict, as from YAML) and return the spec, or raise
-    `PipelineValidationError` listing every problem found."""
-    if known_handlers is None:
-        from orchestrator import handlers
-
-        known_handlers = handlers.names()
+def parse_definition(
+    data: Any, *, base_dir: Path | None, known_handlers: Iterable[str]
+) -> tuple[PipelineSpec | None, list[str]]:
+    """The spec a definition (a dict, as from YAML) describes, and every structural
+    problem found in it: fields, names, handlers, dependencies, cycles. The spec is
+    None when the fields themselves do not validate."""
     known = set(known_handlers)
     if not isinstance(data, dict):
-        raise PipelineValidationError(source, ["the file must hold a mapping with 'name' and 'tasks'"])
+        return None, ["the file must hold a mapping with 'name' and 'tasks'"]
     data = dict(data)
     problems: list[str] = []
     tasks = data.get("tasks")
@@ -258,18 +250,7 @@ def build_pipeline(
         cycle = exc.args[1]
         problems.append("cycle: " + " -> ".join(reversed(cycle)))
 
-    if spec is not None and not problems:
-        from orchestrator.pipeline.checks import handler_config_problems
-
-        problems.extend(handler_config_problems(spec))
-    if problems:
-        raise PipelineValidationError(source, list(dict.fromkeys(problems)))
-    assert spec is not None
-    from orchestrator.pipeline.checks import prepare_spec
-
-    # Inline what only the pipeline folder holds (SQL files), so the stored
-    # definition is self-contained and its hash covers the SQL text.
-    return prepare_spec(spec)
+    return spec, list(dict.fromkeys(problems))
 
 
 def _map_problems(task: str, raw: Any, deps: list[Any]) -> list[str]:
@@ -283,36 +264,3 @@ def _map_problems(task: str, raw: Any, deps: list[Any]) -> list[str]:
         return [f"task {task!r}: map_over.parent_output names {parent!r}, which is not in "
                 "its depends_on"]
     return []
-
-
-def load_pipeline(path: str | Path, *, known_handlers: Iterable[str] | None = None) -> PipelineSpec:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PipelineValidationError(str(path), [f"cannot read: {exc.strerror}"]) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PipelineValidationError(str(path), [f"invalid YAML: {exc}"]) from exc
-    return build_pipeline(
-        data, source=str(path), base_dir=path.resolve().parent, known_handlers=known_handlers
-    )
-
-
-def load_pipelines(path: str | Path) -> list[PipelineSpec]:
-    """One file, or every *.yaml / *.yml file in a folder (sorted)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
-        problems: list[str] = []
-        specs: list[PipelineSpec] = []
-        for f in files:
-            try:
-                specs.append(load_pipeline(f))
-            except PipelineValidationError as exc:
-                problems.extend(f"{f.name}: {p}" for p in exc.problems)
-        if problems:
-            raise PipelineValidationError(str(path), problems)
-        return specs
-    return [load_pipeline(path)]

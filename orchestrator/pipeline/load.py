@@ -1,0 +1,76 @@
+"""Pipeline definitions from YAML files or Python dicts, validated whole.
+
+The structure (`spec`) and each handler's own config check (`checks`) are judged
+here together, so a file's every problem is reported at once; what passes is
+returned ready to sync, with what only the pipeline folder holds (SQL files)
+inlined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import PipelineValidationError
+from orchestrator.pipeline.checks import handler_config_problems, prepare_spec
+from orchestrator.pipeline.spec import PipelineSpec, parse_definition
+
+
+def build_pipeline(
+    data: Any,
+    *,
+    source: str = "<pipeline>",
+    base_dir: Path | None = None,
+    known_handlers: Iterable[str] | None = None,
+) -> PipelineSpec:
+    """Validate a definition (a dict, as from YAML) and return the spec, or raise
+    `PipelineValidationError` listing every problem found."""
+    if known_handlers is None:
+        from orchestrator import handlers
+
+        known_handlers = handlers.names()
+    spec, problems = parse_definition(data, base_dir=base_dir, known_handlers=known_handlers)
+    if spec is not None and not problems:
+        problems.extend(handler_config_problems(spec))
+    if problems:
+        raise PipelineValidationError(source, list(dict.fromkeys(problems)))
+    assert spec is not None
+    # Inline what only the pipeline folder holds (SQL files), so the stored
+    # definition is self-contained and its hash covers the SQL text.
+    return prepare_spec(spec)
+
+
+def load_pipeline(path: str | Path, *, known_handlers: Iterable[str] | None = None) -> PipelineSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PipelineValidationError(str(path), [f"cannot read: {exc.strerror}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PipelineValidationError(str(path), [f"invalid YAML: {exc}"]) from exc
+    return build_pipeline(
+        data, source=str(path), base_dir=path.resolve().parent, known_handlers=known_handlers
+    )
+
+
+def load_pipelines(path: str | Path) -> list[PipelineSpec]:
+    """One file, or every *.yaml / *.yml file in a folder (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+        problems: list[str] = []
+        specs: list[PipelineSpec] = []
+        for f in files:
+            try:
+                specs.append(load_pipeline(f))
+            except PipelineValidationError as exc:
+                problems.extend(f"{f.name}: {p}" for p in exc.problems)
+        if problems:
+            raise PipelineValidationError(str(path), problems)
+        return specs
+    return [load_pipeline(path)]
