@@ -43,6 +43,22 @@ def build_pipeline(
     return prepare_spec(spec)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line with its place, 1-based, as an editor counts: the
+    parser's own text spans several lines and names `<unicode string>`."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return "invalid YAML: " + " ".join(str(exc).split())
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = " ".join((exc.problem or exc.context or "malformed").split())
+    context = ""
+    if exc.context and exc.problem:
+        at = exc.context_mark
+        context = f" ({exc.context}" + (f" at line {at.line + 1}, column {at.column + 1}"
+                                         if at else "") + ")"
+    return f"{where}invalid YAML: {problem}{context}"
+
+
 def load_pipeline(path: str | Path, *, known_handlers: Iterable[str] | None = None) -> PipelineSpec:
     path = Path(path)
     try:
@@ -52,7 +68,7 @@ def load_pipeline(path: str | Path, *, known_handlers: Iterable[str] | None = No
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise PipelineValidationError(str(path), [f"invalid YAML: {exc}"]) from exc
+        raise PipelineValidationError(str(path), [yaml_problem(exc)]) from exc
     return build_pipeline(
         data, source=str(path), base_dir=path.resolve().parent, known_handlers=known_handlers
     )
