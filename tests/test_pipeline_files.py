@@ -3,7 +3,11 @@ or hostile files are refused with one clear line and change nothing."""
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -12,6 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli.app import app
+
+BIN = Path(sys.executable).parent / "orchestrator"
 
 
 @pytest.fixture(autouse=True)
@@ -56,3 +62,85 @@ def test_broken_yaml_is_one_line_naming_the_file_line_and_column(tmp_path):
     assert "<unicode string>" not in line
     folder = error_line(cli("pipelines", "sync", str(tmp_path), code=1))
     assert "broken.yaml: line 5, column 4: invalid YAML" in folder
+
+
+@pytest.fixture
+def on_postgres(pg_engine: Any, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The CLI on the test's Postgres database (emptied), as a deployment runs it."""
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    return pg_url
+
+
+def stored_pipelines() -> list[str]:
+    result = cli("pipelines", "list", "--json")
+    return [p["pipeline"] for p in json.loads(result.stdout)]
+
+
+@pytest.mark.parametrize(("task", "message"), [
+    ({"name": "b", "handler": "noop", "depends_on": ["a", "a"]},
+     "task 'b': depends_on names 'a' more than once"),
+    ({"name": "b", "handler": "noop", "gcs_trigger": {
+        "bucket": "landing", "pattern": "x/" * 510 + "{batch_id}/_SUCCESS"}},
+     "pattern is 1,039 bytes long; a GCS object name is at most 1,024"),
+])
+def test_what_the_database_cannot_store_is_refused_by_validation(tmp_path, on_postgres, task,
+                                                                  message):
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps({"name": "p", "tasks": [{"name": "a", "handler": "noop"}, task]}))
+    line = error_line(cli("pipelines", "sync", str(path), code=1))
+    assert message in line and "cannot use the database" not in line
+    assert stored_pipelines() == []
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """Nine lists of nine aliases to the list before: under 600 bytes of YAML that
+    stand for 9**9 (387 million) strings."""
+    lines = ["name: bomb", "tasks:", "  - name: t", "    handler: noop", "    config:",
+             "      a0: &a0 [" + ",".join(['"lol"'] * 9) + "]"]
+    lines += [f"      a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]"
+              for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    """The installed command, with its address space capped at 1 GiB: expanding the
+    aliases would need many times that, so only a refusal succeeds."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    assert len(path.read_bytes()) < 600
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ORCHESTRATOR_") and k != "DATABASE_URL"}
+    done = subprocess.run([str(BIN), "pipelines", "sync", str(path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, preexec_fn=cap_memory, check=False)
+    assert done.returncode == 1, done.stderr[-2000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {path}: line 1, column 1: invalid YAML: its aliases "
+                           "expand to 490,329,075 values, more than 100,000 beyond")
+    assert stored_pipelines() == []
+
+
+def test_an_alias_that_contains_itself_is_refused(tmp_path):
+    path = write(tmp_path / "loop.yaml", """\
+        name: loop
+        tasks:
+          - name: t
+            handler: noop
+            config: {x: &x [*x]}
+    """)
+    line = error_line(cli("pipelines", "sync", str(path), code=1))
+    assert "line 5, column 17: invalid YAML: an alias refers to a value that contains it" in line
+
+
+def test_a_few_shared_aliases_still_load(tmp_path):
+    path = write(tmp_path / "shared.yaml", """\
+        name: shared
+        tasks:
+          - {name: a, handler: noop, retry: &retry {max_attempts: 5, initial_delay_s: 1}}
+          - {name: b, handler: noop, depends_on: [a], retry: *retry}
+    """)
+    cli("pipelines", "sync", str(path))
+    assert stored_pipelines() == ["shared"]

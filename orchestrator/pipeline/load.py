@@ -43,6 +43,52 @@ def build_pipeline(
     return prepare_spec(spec)
 
 
+# How many values aliases may add to a file once expanded. Aliases share one object
+# when loaded, but validation and hashing walk the expanded tree: a few hundred bytes
+# of nested aliases (an "alias bomb") expand to billions of values.
+MAX_ALIAS_EXPANSION = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, refusing a document whose aliases expand beyond the bound
+    (or refer to themselves) before anything walks the expanded tree."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            distinct: set[int] = set()
+            expanded = _expanded_size(node, {}, set(), distinct)
+            if expanded - len(distinct) > MAX_ALIAS_EXPANSION:
+                raise yaml.composer.ComposerError(
+                    None, None, f"its aliases expand to {expanded:,} values, more than "
+                    f"{MAX_ALIAS_EXPANSION:,} beyond the file's own; write the repeated parts "
+                    "out or nest fewer aliases", node.start_mark)
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int],
+                   distinct: set[int]) -> int:
+    """The number of values the node stands for with every alias written out, counted
+    once per distinct node (so in time linear in the file, however large the answer)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise yaml.composer.ComposerError(
+            None, None, "an alias refers to a value that contains it", node.start_mark)
+    distinct.add(key)
+    open_.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(n, sizes, open_, distinct) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, open_, distinct)
+                    + _expanded_size(v, sizes, open_, distinct) for k, v in node.value)
+    open_.discard(key)
+    sizes[key] = size
+    return size
+
+
 def yaml_problem(exc: yaml.YAMLError) -> str:
     """A YAML error as one line with its place, 1-based, as an editor counts: the
     parser's own text spans several lines and names `<unicode string>`."""
@@ -66,7 +112,7 @@ def load_pipeline(path: str | Path, *, known_handlers: Iterable[str] | None = No
     except OSError as exc:
         raise PipelineValidationError(str(path), [f"cannot read: {exc.strerror}"]) from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_BoundedLoader)
     except yaml.YAMLError as exc:
         raise PipelineValidationError(str(path), [yaml_problem(exc)]) from exc
     return build_pipeline(

@@ -11,6 +11,7 @@ import graphlib
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ class RetryPolicy(_Frozen):
         return float(min(delay, self.max_delay_s))
 
 
+# GCS's own limit on an object name (UTF-8 bytes), and the stored pattern's.
+MAX_OBJECT_NAME_BYTES = 1024
+
+
 class GcsTrigger(_Frozen):
     """A root task that waits for an object: `gs://bucket/<pattern>`.
 
@@ -72,6 +77,9 @@ class GcsTrigger(_Frozen):
             raise ValueError("pattern must contain {batch_id} exactly once")
         if v.startswith("/") or ".." in v:
             raise ValueError(f"invalid object pattern {v!r}")
+        if len(v.encode()) > MAX_OBJECT_NAME_BYTES:
+            raise ValueError(f"pattern is {len(v.encode()):,} bytes long; a GCS object name "
+                             f"is at most {MAX_OBJECT_NAME_BYTES:,}")
         return v
 
     def regex(self) -> re.Pattern[str]:
@@ -234,6 +242,10 @@ def parse_definition(
             deps = [deps]
         if not isinstance(deps, list):
             continue
+        # Other kinds of item are the field validation's to report.
+        deps = [p for p in deps if isinstance(p, str)]
+        problems.extend(f"task {tname!r}: depends_on names {parent!r} more than once"
+                        for parent, n in Counter(deps).items() if n > 1)
         for parent in deps:
             if parent not in names:
                 problems.append(f"task {tname!r}: depends on unknown task {parent!r}")
