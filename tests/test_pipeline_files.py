@@ -144,3 +144,19 @@ def test_a_few_shared_aliases_still_load(tmp_path):
     """)
     cli("pipelines", "sync", str(path))
     assert stored_pipelines() == ["shared"]
+
+
+def test_handler_config_problems_come_in_the_same_pass_as_the_others(tmp_path):
+    path = write(tmp_path / "p.yaml", """\
+        name: p
+        tasks:
+          - {name: a, handler: python}
+          - {name: b, handler: noop, depends_on: [nosuch]}
+          - {name: c, handler: python, config: {callable: "m:f"}, timeout_s: -1}
+          - {name: d, handler: python, config: {callable: "not a callable"}}
+    """)
+    line = error_line(cli("pipelines", "sync", str(path), code=1))
+    assert "task 'b': depends on unknown task 'nosuch'" in line
+    assert "task 'c' timeout_s: Input should be greater than 0" in line
+    assert "task 'a': python: 'callable' is required" in line
+    assert "task 'd': python: 'callable' must be 'module:function'" in line

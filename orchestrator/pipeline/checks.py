@@ -7,15 +7,18 @@ check is imported lazily and only at sync time.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
+from pathlib import Path
 
 from orchestrator import handlers
 from orchestrator.engine import breaker
-from orchestrator.pipeline.spec import PipelineSpec
+from orchestrator.pipeline.spec import PipelineSpec, TaskSpec
 
 
-def handler_config_problems(spec: PipelineSpec) -> list[str]:
+def task_config_problems(tasks: Iterable[TaskSpec], base_dir: Path | None) -> list[str]:
+    """Each task's config judged by its handler (and the router's breaker settings)."""
     problems: list[str] = []
-    for task in spec.tasks:
+    for task in tasks:
         problems.extend(f"task {task.name!r}: {p}" for p in breaker.check_config(task.config))
         target = handlers.BUILTIN.get(task.handler)
         if target is None:
@@ -29,7 +32,7 @@ def handler_config_problems(spec: PipelineSpec) -> list[str]:
             continue
         # The breaker is the router's setting, not the handler's: keep it out of its check.
         own = {k: v for k, v in task.config.items() if k != breaker.CONFIG_KEY}
-        problems.extend(f"task {task.name!r}: {p}" for p in check(own, spec.base_dir))
+        problems.extend(f"task {task.name!r}: {p}" for p in check(own, base_dir))
     return problems
 
 

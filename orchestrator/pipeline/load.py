@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import PipelineValidationError
-from orchestrator.pipeline.checks import handler_config_problems, prepare_spec
+from orchestrator.pipeline.checks import prepare_spec, task_config_problems
 from orchestrator.pipeline.spec import PipelineSpec, parse_definition
 
 
@@ -32,9 +32,10 @@ def build_pipeline(
         from orchestrator import handlers
 
         known_handlers = handlers.names()
-    spec, problems = parse_definition(data, base_dir=base_dir, known_handlers=known_handlers)
-    if spec is not None and not problems:
-        problems.extend(handler_config_problems(spec))
+    parsed = parse_definition(data, base_dir=base_dir, known_handlers=known_handlers)
+    spec = parsed.spec
+    # In the same pass as the structure, so a user fixes a file in one go.
+    problems = parsed.problems + task_config_problems(parsed.tasks, base_dir)
     if problems:
         raise PipelineValidationError(source, list(dict.fromkeys(problems)))
     assert spec is not None

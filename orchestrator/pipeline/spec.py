@@ -13,6 +13,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,15 +193,22 @@ def _problems_from_pydantic(exc: ValidationError, source: dict[str, Any]) -> lis
     return out
 
 
-def parse_definition(
-    data: Any, *, base_dir: Path | None, known_handlers: Iterable[str]
-) -> tuple[PipelineSpec | None, list[str]]:
-    """The spec a definition (a dict, as from YAML) describes, and every structural
-    problem found in it: fields, names, handlers, dependencies, cycles. The spec is
-    None when the fields themselves do not validate."""
+@dataclass(frozen=True)
+class Parsed:
+    """A definition's spec (None when its fields do not validate), the tasks that do
+    validate on their own (for the checks that judge one task), and every structural
+    problem found: fields, names, handlers, dependencies, cycles."""
+
+    spec: PipelineSpec | None
+    tasks: tuple[TaskSpec, ...]
+    problems: list[str]
+
+
+def parse_definition(data: Any, *, base_dir: Path | None, known_handlers: Iterable[str]) -> Parsed:
+    """Judge a definition (a dict, as from YAML) as a whole; see `Parsed`."""
     known = set(known_handlers)
     if not isinstance(data, dict):
-        return None, ["the file must hold a mapping with 'name' and 'tasks'"]
+        return Parsed(None, (), ["the file must hold a mapping with 'name' and 'tasks'"])
     data = dict(data)
     problems: list[str] = []
     tasks = data.get("tasks")
@@ -262,7 +270,18 @@ def parse_definition(
         cycle = exc.args[1]
         problems.append("cycle: " + " -> ".join(reversed(cycle)))
 
-    return spec, list(dict.fromkeys(problems))
+    if spec is not None:
+        valid = spec.tasks
+    else:
+        valid = tuple(t for t in (_task_or_none(raw) for raw in raw_tasks) if t is not None)
+    return Parsed(spec, valid, list(dict.fromkeys(problems)))
+
+
+def _task_or_none(raw: dict[str, Any]) -> TaskSpec | None:
+    try:
+        return TaskSpec.model_validate(raw)
+    except ValidationError:
+        return None
 
 
 def _map_problems(task: str, raw: Any, deps: list[Any]) -> list[str]:
