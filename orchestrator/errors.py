@@ -40,5 +40,9 @@ class PipelineValidationError(InvalidInput):
         super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
 
 
+class PipelineConflict(InvalidInput):
+    """A pipeline file names a pipeline that another file defines."""
+
+
 class InfrastructureError(RetryableError):
     """The database or the message bus is unreachable: the caller should redeliver."""

@@ -224,11 +224,12 @@ class Runtime:
         specs = load_pipelines(path)
         return self.sync_specs(specs)
 
-    def sync_specs(self, specs: list[PipelineSpec]) -> list[SyncResult]:
+    def sync_specs(self, specs: list[PipelineSpec], *, replace: bool = False) -> list[SyncResult]:
         from orchestrator.pipeline.sync import sync_pipeline
 
         now = self.clock.now()
-        return transaction(self.sessions, lambda s: [sync_pipeline(s, sp, now) for sp in specs])
+        return transaction(self.sessions, lambda s: [sync_pipeline(s, sp, now, replace=replace)
+                                                     for sp in specs])
 
     def start_batch(self, pipeline: str, batch_id: str, params: dict[str, Any] | None = None,
                     deadline_s: float | None = None) -> bool:

@@ -160,3 +160,59 @@ def test_handler_config_problems_come_in_the_same_pass_as_the_others(tmp_path):
     assert "task 'c' timeout_s: Input should be greater than 0" in line
     assert "task 'a': python: 'callable' is required" in line
     assert "task 'd': python: 'callable' must be 'module:function'" in line
+
+
+ORDERS = """\
+    name: orders
+    tasks:
+      - {name: extract, handler: noop}
+"""
+ORDERS_V2 = """\
+    name: orders
+    tasks:
+      - {name: extract, handler: noop}
+      - {name: load, handler: noop, depends_on: [extract]}
+"""
+
+
+def versions() -> dict[str, int]:
+    return {p["pipeline"]: p["version"] for p in json.loads(
+        cli("pipelines", "list", "--json").stdout)}
+
+
+def test_two_files_of_a_folder_naming_one_pipeline_are_refused_naming_both(tmp_path, on_postgres):
+    write(tmp_path / "flows" / "orders.yaml", ORDERS)
+    write(tmp_path / "flows" / "orders_copy.yaml", ORDERS_V2)
+    line = error_line(cli("pipelines", "sync", str(tmp_path / "flows"), code=1))
+    assert ("pipeline 'orders' is defined by more than one file: orders.yaml, orders_copy.yaml"
+            in line)
+    assert versions() == {}
+    line = error_line(cli("deploy", str(tmp_path / "flows"), code=1))
+    assert "orders.yaml, orders_copy.yaml" in line
+    assert versions() == {}
+
+
+def test_a_pipeline_synced_from_one_file_is_replaced_from_another_only_when_asked(
+        tmp_path, on_postgres):
+    first = write(tmp_path / "orders.yaml", ORDERS)
+    second = write(tmp_path / "new_orders.yaml", ORDERS_V2)
+    cli("pipelines", "sync", str(first))
+    line = error_line(cli("pipelines", "sync", str(second), code=1))
+    assert ("pipeline 'orders' was synced from orders.yaml, not new_orders.yaml" in line
+            and "--replace" in line)
+    assert versions() == {"orders": 1}
+    cli("pipelines", "sync", str(first))  # its own file again: unchanged
+    assert versions() == {"orders": 1}
+    assert "orders: synced (version 2)" in cli("pipelines", "sync", "--replace", str(second)).stdout
+    assert "synced from new_orders.yaml, not orders.yaml" in error_line(
+        cli("pipelines", "sync", str(first), code=1))
+    assert versions() == {"orders": 2}
+
+
+def test_deploy_follows_a_pipeline_to_another_file_of_its_folder(tmp_path, on_postgres):
+    write(tmp_path / "flows" / "orders.yaml", ORDERS)
+    cli("deploy", str(tmp_path / "flows"))
+    (tmp_path / "flows" / "orders.yaml").rename(tmp_path / "flows" / "sales_orders.yaml")
+    write(tmp_path / "flows" / "sales_orders.yaml", ORDERS_V2)
+    assert "orders: synced (version 2)" in cli("deploy", str(tmp_path / "flows")).stdout
+    assert "unchanged (version 2)" in cli("deploy", str(tmp_path / "flows")).stdout

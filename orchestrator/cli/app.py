@@ -182,8 +182,9 @@ def deploy(
     try:
         migrate.upgrade(engine)
         now = SystemClock().now()
-        results = transaction(make_sessionmaker(engine),
-                              lambda session: [sync_pipeline(session, spec, now) for spec in specs])
+        # The folder is what is deployed: a pipeline moved to another file of it follows.
+        results = transaction(make_sessionmaker(engine), lambda session: [
+            sync_pipeline(session, spec, now, replace=True) for spec in specs])
     finally:
         engine.dispose()
     out.print(f"database {db_label(s)} is up to date")
@@ -203,10 +204,14 @@ def pipelines_sync(
     path: Annotated[Path | None, typer.Argument(
         help="A pipeline YAML file or a folder of them (default: ORCHESTRATOR_PIPELINES_DIR, "
              "`pipelines/`).")] = None,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Let a file define a pipeline that was synced from another file.")
+    ] = False,
 ) -> None:
     """Validate pipeline files and store them; a changed pipeline becomes a new version.
 
-    Nothing is written unless every file is valid.
+    Nothing is written unless every file is valid. Two files may not name the same
+    pipeline: a pipeline synced from one file is replaced from another only with --replace.
 
     Example: [bold]orchestrator pipelines sync examples/monthly_profit.yaml[/bold]
     """
@@ -214,7 +219,7 @@ def pipelines_sync(
     if not target.exists():
         raise FileNotFoundError(2, "no such file or folder", str(target))
     with runtime(embedded_only=True) as rt:
-        results = sync(rt, target)
+        results = sync(rt, target, replace=replace)
     if not results:
         raise UsageProblem(f"no *.yaml pipeline files in {target}")
     for r in results:

@@ -27,9 +27,10 @@ class Dropped:
     batches: list[tuple[str, str]]  # (pipeline, batch_id) whose trigger matched
 
 
-def sync(rt: Any, path: Path) -> list[Any]:
+def sync(rt: Any, path: Path, *, replace: bool = False) -> list[Any]:
     """Validate and store pipeline files, with SQL files inlined into the task configs
-    (so a worker never needs the pipeline folder)."""
+    (so a worker never needs the pipeline folder). `replace`: a file may take over a
+    pipeline last synced from another file."""
     import typer
 
     from orchestrator import usercode
@@ -41,7 +42,7 @@ def sync(rt: Any, path: Path) -> list[Any]:
     usercode.add_path(path if path.is_dir() else path.parent)
     for warning in usercode.outside_pipelines_dir(specs, rt.settings.pipelines_dir):
         typer.echo(f"warning: {warning}", err=True)
-    return list(rt.sync_specs([prepare_spec(spec) for spec in specs]))
+    return list(rt.sync_specs([prepare_spec(spec) for spec in specs], replace=replace))
 
 
 def force_release(rt: Any, pipeline: str, batch_id: str) -> list[str]:

@@ -76,6 +76,9 @@ class Pipeline(Base):
     definition_hash: Mapped[str] = mapped_column(String(64))
     definition: Mapped[dict[str, Any]] = mapped_column(JSONType)
     concurrency: Mapped[int | None] = mapped_column(Integer)
+    # The file name it was last synced from (None if built in code): another file
+    # naming the same pipeline replaces it only when asked to.
+    source_file: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

@@ -116,13 +116,15 @@ def load_pipeline(path: str | Path, *, known_handlers: Iterable[str] | None = No
         data = yaml.load(text, Loader=_BoundedLoader)
     except yaml.YAMLError as exc:
         raise PipelineValidationError(str(path), [yaml_problem(exc)]) from exc
-    return build_pipeline(
+    spec = build_pipeline(
         data, source=str(path), base_dir=path.resolve().parent, known_handlers=known_handlers
     )
+    return spec.model_copy(update={"source_file": path.name})
 
 
 def load_pipelines(path: str | Path) -> list[PipelineSpec]:
-    """One file, or every *.yaml / *.yml file in a folder (sorted)."""
+    """One file, or every *.yaml / *.yml file in a folder (sorted). Two files of the
+    folder that name the same pipeline are a problem: neither is loaded."""
     path = Path(path)
     if path.is_dir():
         files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
@@ -133,6 +135,11 @@ def load_pipelines(path: str | Path) -> list[PipelineSpec]:
                 specs.append(load_pipeline(f))
             except PipelineValidationError as exc:
                 problems.extend(f"{f.name}: {p}" for p in exc.problems)
+        files_of: dict[str, list[str]] = {}
+        for spec in specs:
+            files_of.setdefault(spec.name, []).append(str(spec.source_file))
+        problems.extend(f"pipeline {name!r} is defined by more than one file: {', '.join(named)}"
+                        for name, named in files_of.items() if len(named) > 1)
         if problems:
             raise PipelineValidationError(str(path), problems)
         return specs

@@ -157,6 +157,8 @@ class PipelineSpec(_Frozen):
     alerts: AlertsSpec | None = Field(default=None, exclude_if=_unset)
     # Where relative paths in task configs (SQL files) resolve; not part of the identity.
     base_dir: Path | None = Field(default=None, exclude=True)
+    # The file name it was read from (None if built in code); not part of the identity.
+    source_file: str | None = Field(default=None, exclude=True)
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:

@@ -21,6 +21,7 @@ from orchestrator.db.models import (
     Task,
     TaskDependency,
 )
+from orchestrator.errors import PipelineConflict
 from orchestrator.pipeline.spec import PipelineSpec
 
 
@@ -31,18 +32,32 @@ class SyncResult:
     changed: bool
 
 
-def sync_pipeline(session: Session, spec: PipelineSpec, now: datetime) -> SyncResult:
+def sync_pipeline(session: Session, spec: PipelineSpec, now: datetime, *,
+                  replace: bool = False) -> SyncResult:
+    """Store the spec as the pipeline's newest version (unless it is unchanged). A spec
+    read from a file other than the one the pipeline was last synced from is refused
+    unless `replace`: two files naming one pipeline would replace each other in turn."""
     digest = spec.definition_hash()
     row = session.execute(
         select(Pipeline).where(Pipeline.name == spec.name).with_for_update()
     ).scalar_one_or_none()
+    if row is not None and spec.source_file is not None:
+        if row.source_file not in (None, spec.source_file) and not replace:
+            raise PipelineConflict(
+                f"pipeline {spec.name!r} was synced from {row.source_file}, not "
+                f"{spec.source_file}: rename the pipeline in {spec.source_file}, or sync it "
+                f"with --replace to define {spec.name!r} from {spec.source_file} from now on")
+        if row.source_file != spec.source_file:
+            session.execute(update(Pipeline).where(Pipeline.id == row.id)
+                            .values(source_file=spec.source_file))
     if row is not None and row.definition_hash == digest:
         return SyncResult(spec.name, row.version, changed=False)
     if row is None:
         row = Pipeline(
             name=spec.name, description=spec.description, version=1,
             definition_hash=digest, definition=spec.canonical(),
-            concurrency=spec.concurrency, created_at=now, updated_at=now,
+            concurrency=spec.concurrency, source_file=spec.source_file,
+            created_at=now, updated_at=now,
         )
         session.add(row)
         session.flush()
