@@ -28,7 +28,8 @@ from orchestrator.status import BatchStatus
 class RouteResult:
     """What became of one delivery. `outcome` is one of: started, exists, succeeded,
     failed, retrying, deferred, waiting (no free concurrency slot), expanded (a mapped
-    task queued its instances), duplicate, stale, queued, ignored, invalid."""
+    task queued its instances), duplicate, stale, queued, ignored, invalid; for a file, stored
+    (no trigger watches its path)."""
 
     outcome: str
     detail: str = ""

@@ -107,10 +107,11 @@ def _find_batch(session: Session, batch_id: str, pipeline: str | None) -> tuple[
     return rows[0][0], rows[0][1]
 
 
-def _task_rows(session: Session, batch: Batch) -> list[Any]:
+def _task_rows(session: Session, batch: Batch, map_index: int = -1,
+               task_id: int | None = None) -> list[Any]:
     # One query, driven by the (batch_pk, task_id, map_index) unique index on task_log;
     # a mapped task's instances are not listed.
-    return list(session.execute(
+    stmt = (
         select(
             Task.id, Task.name, Task.max_attempts, Task.gcs_bucket, Task.gcs_pattern,
             TaskLog.status, TaskLog.attempt, TaskLog.retry_base, TaskLog.trigger_rule,
@@ -119,8 +120,11 @@ def _task_rows(session: Session, batch: Batch) -> list[Any]:
             TaskLog.lease_expires_at, TaskLog.error, TaskLog.output, Task.map_over,
         )
         .join(Task, Task.id == TaskLog.task_id)
-        .where(TaskLog.batch_pk == batch.id, TaskLog.map_index == -1)
-    ).all())
+        .where(TaskLog.batch_pk == batch.id, TaskLog.map_index == map_index)
+    )
+    if task_id is not None:
+        stmt = stmt.where(TaskLog.task_id == task_id)
+    return list(session.execute(stmt).all())
 
 
 def _parents(session: Session, batch: Batch) -> dict[int, list[int]]:
@@ -513,18 +517,31 @@ def _root_failures(tid: int, rows: dict[int, Any], parents: dict[int, list[int]]
 
 def why(session: Session, batch_id: str, task: str, now: datetime,
         pipeline: str | None = None) -> str:
-    """In plain words, why `task` of the batch has (or has not) run."""
+    """In plain words, why `task` of the batch (or one mapped instance, `task[3]`) has
+    (or has not) run."""
     batch, pipeline_name = _find_batch(session, batch_id, pipeline)
     rows = {r.id: r for r in _task_rows(session, batch)}
     by_name = {r.name: t for t, r in rows.items()}
-    if task not in by_name:
+    name, index = split_instance(task)
+    if name not in by_name or (index >= 0 and rows[by_name[name]].map_over is None):
         raise NotFound(f"no task {task!r} in batch {batch_id!r} of pipeline {pipeline_name!r}")
-    tid = by_name[task]
+    tid = by_name[name]
+    if index >= 0:
+        instance = _task_rows(session, batch, map_index=index, task_id=tid)
+        if not instance:
+            n = session.execute(select(func.count()).select_from(TaskLog).where(
+                TaskLog.batch_pk == batch.id, TaskLog.task_id == tid, TaskLog.map_index >= 0)
+            ).scalar_one()
+            raise NotFound(f"no instance {task!r} in batch {batch_id!r}: {name} has {n} "
+                           f"instance(s), {name}[0] to {name}[{n - 1}]" if n else
+                           f"no instance {task!r} in batch {batch_id!r}: {name} has no "
+                           "instances yet")
+        rows[tid] = instance[0]
     r = rows[tid]
     parents = _parents(session, batch)
     status = _value(r.status)
     rules = versions.rules(session, batch.pipeline_id, batch.pipeline_version)
-    answer = _why(batch, rows, tid, parents, now, rules)
+    answer = _why(batch, rows, tid, parents, now, rules, label=task)
     if (status in (S.PENDING, S.QUEUED, S.RUNNING, S.RETRYING)
             and batch.deadline_at is not None and _value(batch.status) == "RUNNING"):
         answer = answer if answer.endswith(".") else answer + "."
@@ -558,11 +575,10 @@ def _file_wait(batch: Batch, r: Any, now: datetime, rules: versions.VersionRules
 
 
 def _why(batch: Batch, rows: dict[int, Any], tid: int, parents: dict[int, list[int]],
-         now: datetime, rules: versions.VersionRules) -> str:
+         now: datetime, rules: versions.VersionRules, label: str | None = None) -> str:
     r = rows[tid]
-    task = r.name
     status = _value(r.status)
-    head = f"{task}: "
+    head = f"{label or r.name}: "
 
     if status == S.SUCCESS:
         took = _seconds(r.started_at, r.finished_at)
@@ -673,8 +689,13 @@ def pipeline_definition(session: Session, name: str) -> dict[str, Any]:
             "max_attempts": t.max_attempts,
             "timeout_s": t.timeout_s,
             "gcs_trigger": (f"gs://{t.gcs_bucket}/{t.gcs_pattern}" if t.gcs_bucket else None),
+            "concurrency": t.concurrency,
+            "map_over": t.map_over,
             "config": t.config or {},
         })
+    schedule = versions.rules(session, pipe.id, pipe.version).schedule
     return {"pipeline": pipe.name, "version": pipe.version,
             "description": pipe.description or "", "updated_at": _iso(pipe.updated_at),
+            "source_file": pipe.source_file, "concurrency": pipe.concurrency,
+            "schedule": schedule.model_dump(mode="json") if schedule else None,
             "tasks": out}

@@ -22,6 +22,8 @@ from orchestrator.ports import Clock
 from orchestrator.status import BatchStatus
 from orchestrator.storage_events import StorageObject
 
+UNWATCHED = "stored; no trigger watches this path"
+
 
 class StorageTriggers:
     def __init__(self, sessions: sessionmaker[Session], dispatcher: Dispatcher, clock: Clock):
@@ -33,8 +35,9 @@ class StorageTriggers:
         """A file landed: start its batch if needed and release the task waiting for it."""
         matches = transaction(self.sessions, lambda s: matching_triggers(s, obj))
         if not matches:
-            logs.info(f"no pipeline trigger matches {obj.uri}", outcome="ignored")
-            return RouteResult("ignored", f"no trigger matches {obj.uri}")
+            # Most objects of a bucket are data files that no task waits for: not a fault.
+            logs.info(f"{obj.uri}: {UNWATCHED}", outcome="stored")
+            return RouteResult("stored", UNWATCHED)
         now = self.clock.now()
         published = 0
         outcomes = []
@@ -63,7 +66,7 @@ class StorageTriggers:
                 logs.info(f"file {obj.uri} arrived but {released.reason}", outcome="duplicate",
                           **labels)
                 outcomes.append("duplicate")
-        best = "queued" if "queued" in outcomes else (outcomes[0] if outcomes else "ignored")
+        best = "queued" if "queued" in outcomes else (outcomes[0] if outcomes else "stored")
         return RouteResult(best, published=published)
 
 

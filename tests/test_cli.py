@@ -364,7 +364,7 @@ def test_drop_copies_into_the_local_bucket_and_fires_the_trigger(tmp_path):
     (tmp_path / "_SUCCESS").write_text("")
     (tmp_path / "data.csv").write_text("a,b\n")
     result = cli("drop", "data.csv", "gs://landing/in/d1/")
-    assert "no pipeline trigger matches" in result.stderr
+    assert "gs://landing/in/d1/data.csv: stored; no trigger watches this path" in result.stdout
     assert (tmp_path / ".orchestrator/buckets/landing/in/d1/data.csv").read_text() == "a,b\n"
     result = cli("drop", "_SUCCESS", "gs://landing/in/d1/_SUCCESS")
     assert "files d1" in result.stdout and "SUCCESS" in result.stdout

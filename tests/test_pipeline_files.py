@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli.app import app
+from orchestrator.errors import PermanentError
 
 BIN = Path(sys.executable).parent / "orchestrator"
 
@@ -216,3 +217,70 @@ def test_deploy_follows_a_pipeline_to_another_file_of_its_folder(tmp_path, on_po
     write(tmp_path / "flows" / "sales_orders.yaml", ORDERS_V2)
     assert "orders: synced (version 2)" in cli("deploy", str(tmp_path / "flows")).stdout
     assert "unchanged (version 2)" in cli("deploy", str(tmp_path / "flows")).stdout
+
+
+def regions(ctx: Any) -> dict[str, Any]:
+    return {"regions": ["north", "south", "east"]}
+
+
+def per_region(ctx: Any) -> dict[str, Any]:
+    if ctx.input["item"] == "south":
+        raise PermanentError("no data for south")
+    return {"region": ctx.input["item"]}
+
+
+MAPPED = """\
+    name: by_region
+    concurrency: 2
+    schedule: {cron: "0 6 * * *", timezone: Europe/Paris, batch_id: "{date}"}
+    tasks:
+      - name: regions
+        handler: python
+        config: {callable: "tests.test_pipeline_files:regions"}
+        gcs_trigger: {bucket: landing, pattern: "regions/{batch_id}/_SUCCESS"}
+      - name: per_region
+        handler: python
+        config: {callable: "tests.test_pipeline_files:per_region"}
+        depends_on: [regions]
+        concurrency: 3
+        retry: {max_attempts: 1}
+        map_over: {parent_output: regions.regions, max_instances: 50}
+"""
+
+
+def test_pipelines_show_has_map_over_concurrency_and_the_triggers(tmp_path):
+    cli("pipelines", "sync", str(write(tmp_path / "by_region.yaml", MAPPED)))
+    shown = cli("pipelines", "show", "by_region").stdout
+    assert "by_region  version 1 from by_region.yaml" in shown
+    assert ("trigger: schedule 0 6 * * * Europe/Paris (batch id {date}); "
+            "file gs://landing/regions/{batch_id}/_SUCCESS (task regions)") in shown
+    assert "concurrency: 2 running task(s) per batch" in shown
+    row = next(line for line in shown.splitlines() if line.startswith("per_region"))
+    assert "regions.regions (max 50)" in row and " 3 " in row
+    doc = json.loads(cli("pipelines", "show", "by_region", "--json").stdout)
+    assert doc["concurrency"] == 2 and doc["schedule"]["cron"] == "0 6 * * *"
+    task = doc["tasks"][1]
+    assert task["concurrency"] == 3 and task["map_over"]["parent_output"] == "regions.regions"
+
+
+def test_why_explains_one_mapped_instance(tmp_path):
+    cli("pipelines", "sync", str(write(tmp_path / "by_region.yaml", MAPPED)))
+    (tmp_path / "_SUCCESS").write_text("")
+    cli("drop", "_SUCCESS", "gs://landing/regions/d1/_SUCCESS", code=3)  # per_region[1] fails
+    assert cli("why", "d1", "per_region[0]").stdout.startswith("per_region[0]: succeeded at ")
+    failed = cli("why", "d1", "per_region[1]").stdout
+    assert failed.startswith("per_region[1]: failed on attempt 1/1 at ")
+    assert failed.rstrip().endswith("no data for south")
+    assert ("no instance 'per_region[7]' in batch 'd1': per_region has 3 instance(s), "
+            "per_region[0] to per_region[2]") in error_line(cli("why", "d1", "per_region[7]",
+                                                                 code=1))
+    assert "no task 'regions[0]'" in error_line(cli("why", "d1", "regions[0]", code=1))
+
+
+def test_a_file_no_trigger_watches_is_stored_and_said_so_plainly(tmp_path):
+    cli("pipelines", "sync", str(write(tmp_path / "by_region.yaml", MAPPED)))
+    (tmp_path / "data.csv").write_text("a,b\n")
+    result = cli("drop", "data.csv", "gs://landing/regions/d1/")
+    assert result.stdout.strip() == "gs://landing/regions/d1/data.csv: stored; no trigger watches this path"
+    assert result.stderr == ""
+    assert (tmp_path / ".orchestrator/buckets/landing/regions/d1/data.csv").exists()

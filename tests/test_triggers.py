@@ -44,4 +44,4 @@ def test_a_matching_object_starts_its_batch_and_releases_the_task_once(
     assert t.object_finalized(obj("sales/2024-03/_SUCCESS")).outcome == "duplicate"
     assert published.tasks() == [("sales", "2024-03", "load", 1)]
     assert statuses(sessions) == {"load": "QUEUED", "report": "PENDING"}
-    assert t.object_finalized(obj("elsewhere/x")).outcome == "ignored"
+    assert t.object_finalized(obj("elsewhere/x")).outcome == "stored"

@@ -751,7 +751,7 @@ def drop_cmd(
     with runtime(embedded_only=True) as rt:
         dropped = drop(rt, file, uri)
         if not dropped.batches:
-            err.print(f"{dropped.uri}: stored; no pipeline trigger matches it")
+            out.print(dropped.summary())
             return
         pks = [batch_pk(rt, p, b) for p, b in dropped.batches]
         err.print(f"{dropped.uri}: {dropped.outcome}")
@@ -829,8 +829,7 @@ def dev(
             while stop_after is None or time.monotonic() - started < stop_after:
                 for bucket, name in watcher.poll():
                     dropped = fire(rt, bucket, name)
-                    where = ", ".join(f"{p}/{b}" for p, b in dropped.batches) or "no trigger"
-                    out.print(f"{dropped.uri} → {where}: {dropped.outcome}")
+                    out.print(dropped.summary())
                 if pipeline_files is not None and (changed := pipeline_files.poll()):
                     _resync(rt, pipeline_files.source, changed)
                 _reload_modules()

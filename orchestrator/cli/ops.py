@@ -18,13 +18,20 @@ from orchestrator.cli.wiring import UsageProblem
 from orchestrator.db.models import Pipeline, Task
 from orchestrator.identifiers import batch_id_problem
 from orchestrator.storage_events import StorageObject
+from orchestrator.triggers import UNWATCHED
 
 
 @dataclass(frozen=True)
 class Dropped:
     uri: str
-    outcome: str  # the router's: queued, duplicate, ignored, invalid
+    outcome: str  # the router's: queued, duplicate, invalid, or stored (nothing watches it)
     batches: list[tuple[str, str]]  # (pipeline, batch_id) whose trigger matched
+
+    def summary(self) -> str:
+        if self.outcome == "stored":
+            return f"{self.uri}: {UNWATCHED}"
+        where = ", ".join(f"{p}/{b}" for p, b in self.batches)
+        return f"{self.uri} → {where}: {self.outcome}" if where else f"{self.uri}: {self.outcome}"
 
 
 def sync(rt: Any, path: Path, *, replace: bool = False) -> list[Any]:

@@ -145,16 +145,41 @@ def pipeline_table(doc: dict[str, Any]) -> Group:
     head = Text()
     head.append(f"{doc['pipeline']}", style="bold")
     head.append(f"  version {doc['version']}")
+    if doc.get("source_file"):
+        head.append(f" from {doc['source_file']}")
     if doc["description"]:
         head.append(f"  ·  {doc['description']}")
+    lines = [head, Text(f"trigger: {triggers_text(doc)}")]
+    if doc.get("concurrency"):
+        lines.append(Text(f"concurrency: {doc['concurrency']} running task(s) per batch"))
     table = Table(show_edge=False, header_style="bold", pad_edge=False)
     for col in ("task", "handler", "depends on", "trigger rule", "attempts", "timeout",
-                "file trigger"):
+                "concurrency", "map over", "file trigger"):
         table.add_column(col, overflow="fold")
     for t in doc["tasks"]:
         table.add_row(t["task"], t["handler"], ", ".join(t["depends_on"]), t["trigger_rule"],
-                      str(t["max_attempts"]), seconds(t["timeout_s"]), t["gcs_trigger"] or "")
-    return Group(head, table)
+                      str(t["max_attempts"]), seconds(t["timeout_s"]),
+                      str(t["concurrency"]) if t.get("concurrency") else "",
+                      map_over_text(t.get("map_over")), t["gcs_trigger"] or "")
+    return Group(*lines, table)
+
+
+def triggers_text(doc: dict[str, Any]) -> str:
+    """What starts a batch of the pipeline besides `batch start`: its schedule, its files."""
+    ways = []
+    if doc.get("schedule"):
+        s = doc["schedule"]
+        ways.append(f"schedule {s['cron']} {s['timezone']} (batch id {s['batch_id']})")
+    ways.extend(f"file {t['gcs_trigger']} (task {t['task']})" for t in doc["tasks"]
+                if t["gcs_trigger"])
+    return "; ".join(ways) or "none (start batches with `orchestrator batch start`)"
+
+
+def map_over_text(m: dict[str, Any] | None) -> str:
+    if not m:
+        return ""
+    source = m.get("parent_output") or f"objects under {m.get('gcs_prefix')}"
+    return f"{source} (max {m.get('max_instances', 1000)})"
 
 
 def schedules_table(rows: list[dict[str, Any]]) -> Table:
