@@ -35,6 +35,8 @@ from orchestrator.db.session import transaction
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.engine import catalog, maintenance
 from orchestrator.engine.types import Outcome, TaskRow
+from orchestrator.errors import InvalidInput
+from orchestrator.pipeline.params import resolve as resolve_params
 from orchestrator.pipeline.timing import local_clock
 from orchestrator.pipeline.versions import rules
 from orchestrator.ports import Clock
@@ -46,7 +48,20 @@ S = TaskStatus
 def start_batch(session: Session, pipeline: str, batch_id: str, params: dict[str, Any] | None,
                 now: datetime, *, deadline_s: float | None = None,
                 logical_at: datetime | None = None) -> engine.Started:
-    """Start a batch (idempotent on its id) under its version's time rules."""
+    """Start a batch (idempotent on its id) under its version's time rules, with its
+    params converted to the types the pipeline declares (InvalidInput if they are not)."""
+    declared = session.execute(
+        select(Pipeline.definition["params"]).where(Pipeline.name == pipeline)
+    ).scalar_one_or_none()
+    try:
+        params = resolve_params(pipeline, declared, params)
+    except InvalidInput:
+        # The batch may exist already (a file arriving for a batch started by hand):
+        # then there is nothing to start, and nothing wrong.
+        if session.execute(select(Batch.id).join(Pipeline, Pipeline.id == Batch.pipeline_id)
+                           .where(Pipeline.name == pipeline, Batch.batch_id == batch_id)
+                           ).first() is None:
+            raise
     started = engine.start_batch(session, pipeline, batch_id, params, now)
     if started.created:
         # Not the catalog: it would cache a batch this transaction may yet roll back.

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.identifiers import NAME_RE
+from orchestrator.pipeline.params import ParamSpec, check
 from orchestrator.pipeline.timing import AlertsSpec, DeadlineSpec, ScheduleSpec, TimeRule
 from orchestrator.status import TriggerRule
 
@@ -152,6 +153,8 @@ class PipelineSpec(_Frozen):
     description: str = ""
     concurrency: int | None = Field(default=None, ge=1)
     tasks: tuple[TaskSpec, ...]
+    # The params a batch takes, by name; None: any params, as given.
+    params: dict[str, ParamSpec] | None = Field(default=None, exclude_if=_unset)
     schedule: ScheduleSpec | None = Field(default=None, exclude_if=_unset)
     deadline: DeadlineSpec | None = Field(default=None, exclude_if=_unset)
     alerts: AlertsSpec | None = Field(default=None, exclude_if=_unset)
@@ -265,6 +268,13 @@ def parse_definition(data: Any, *, base_dir: Path | None, known_handlers: Iterab
         if t.get("gcs_trigger") and deps:
             problems.append(f"task {tname!r}: only a root task (no depends_on) may have a gcs_trigger")
         problems.extend(_map_problems(tname, t.get("map_over"), deps))
+
+    if spec is not None and spec.params is not None:
+        problems.extend(f"invalid param name {p!r}: use letters, digits, _ and -"
+                        for p in spec.params if not NAME_RE.match(p))
+        if spec.schedule is not None:
+            _, wrong = check(spec.params, dict(spec.schedule.params))
+            problems.extend(f"schedule.params: {p}" for p in wrong)
 
     try:
         graphlib.TopologicalSorter(graph).prepare()
