@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator import alerts
+from orchestrator import alerts, engine
 from orchestrator.adapters.gcp.pubsub import PubSubPublisher
 from orchestrator.adapters.webhook import WebhookSink
 from orchestrator.alerts import TopicSink
@@ -150,7 +150,8 @@ def test_a_failure_retried_before_the_sweep_read_it_pages_no_one(
                              ).scalar_one() == "FAILED"
         if heal:
             HEALED.append(True)
-        queued = transaction(pg_sessions, lambda s, b=batch_id: alerts_engine_retry(s, b, clock))
+        queued = transaction(pg_sessions, lambda s, b=batch_id: engine.retry_batch(
+            s, "sales", b, clock.now()))
         router.publish(queued)
         published.pump(router)
         HEALED.clear()
@@ -159,12 +160,6 @@ def test_a_failure_retried_before_the_sweep_read_it_pages_no_one(
     assert sorted(t.splitlines()[0] for t in receiver.texts()) == [
         "[error] batch_failed: sales/2024-05: batch FAILED: load failed",
         "[error] task_failed: sales/2024-05: task load failed on attempt 2"]
-
-
-def alerts_engine_retry(s: Session, batch_id: str, clock: FakeClock) -> Any:
-    from orchestrator import engine
-
-    return engine.retry_batch(s, "sales", batch_id, clock.now())
 
 
 @pytest.mark.postgres
