@@ -109,7 +109,8 @@ def _worker_router(settings: Settings, clock: Clock | None) -> Any:
         execution.reset_in_worker_process()
         worker.reset_in_worker_process()
         db = make_engine(settings.resolved_database_url(), pool_size=2, max_overflow=2,
-                         pool_timeout=settings.db_pool_timeout_s)
+                         pool_timeout=settings.db_pool_timeout_s,
+                         prepared_statements=settings.db_prepared_statements)
         rt = Runtime(settings, db, publisher, clock=clock)
         rt.on_batch_finished(on_finished)
         return rt.router.handle_payload
@@ -176,7 +177,8 @@ class Runtime:
         settings = settings or get_settings()
         url = settings.resolved_database_url()
         db = make_engine(url, pool_size=max(8, (workers or settings.workers) * 2),
-                         max_overflow=4, pool_timeout=settings.db_pool_timeout_s)
+                         max_overflow=4, pool_timeout=settings.db_pool_timeout_s,
+                         prepared_statements=settings.db_prepared_statements)
         if migrate_db:
             from orchestrator.db import migrate
 
@@ -204,7 +206,8 @@ class Runtime:
         settings = (settings or get_settings()).for_cloud()
         db = make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size,
                          max_overflow=settings.db_max_overflow,
-                         pool_timeout=settings.db_pool_timeout_s)
+                         pool_timeout=settings.db_pool_timeout_s,
+                         prepared_statements=settings.db_prepared_statements)
         if not settings.gcp_project:
             raise RuntimeError("ORCHESTRATOR_GCP_PROJECT is not set")
         # One client (one channel) for the three topics, built by the first publish.

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=2, json_schema_extra=cloud(DEPLOYED))
     db_max_overflow: int = Field(default=0, json_schema_extra=cloud(DEPLOYED))
     db_pool_timeout_s: float = Field(default=10.0, json_schema_extra=cloud(DEFAULT))
+    # Off behind a pooler that gives each transaction another server connection.
+    db_prepared_statements: bool = Field(
+        default=True, json_schema_extra=cloud(DEFAULT),
+        description="Prepare the hot path's statements once per connection (PostgreSQL).")
 
     gcp_project: str | None = Field(default=None, json_schema_extra=cloud(DEPLOYED))
     tasks_topic: str = Field(default="tasks", json_schema_extra=cloud(DEPLOYED))

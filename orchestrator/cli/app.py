@@ -178,7 +178,8 @@ def deploy(
         raise FileNotFoundError(2, "no such folder of pipelines", str(target))
     specs = [prepare_spec(spec) for spec in load_pipelines(target)]
     engine = make_engine(s.resolved_database_url(), pool_size=max(1, s.db_pool_size),
-                         max_overflow=s.db_max_overflow, pool_timeout=s.db_pool_timeout_s)
+                         max_overflow=s.db_max_overflow, pool_timeout=s.db_pool_timeout_s,
+                         prepared_statements=s.db_prepared_statements)
     try:
         migrate.upgrade(engine)
         now = SystemClock().now()

@@ -189,7 +189,8 @@ def read_session() -> Iterator[Session]:
             f"no metadata database at {parsed.database}: run `orchestrator pipelines sync` "
             "or `orchestrator dev` first (or set DATABASE_URL)"
         )
-    engine = make_engine(url, pool_size=1, max_overflow=0, pool_timeout=s.db_pool_timeout_s)
+    engine = make_engine(url, pool_size=1, max_overflow=0, pool_timeout=s.db_pool_timeout_s,
+                         prepared_statements=s.db_prepared_statements)
     try:
         with make_sessionmaker(engine)() as session:
             yield session

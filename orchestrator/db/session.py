@@ -29,13 +29,17 @@ from orchestrator.errors import InfrastructureError
 
 T = TypeVar("T")
 
-# SQLSTATE: serialization_failure, deadlock_detected.
-_RETRY_SQLSTATES = {"40001", "40P01"}
+# SQLSTATE: serialization_failure, deadlock_detected; invalid_sql_statement_name (a
+# prepared statement the connection no longer has: the hot path forgets it first).
+_RETRY_SQLSTATES = {"40001", "40P01", "26000"}
 _MAX_TX_ATTEMPTS = 8
 
 
 def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_timeout: float = 10.0,
-                echo: bool = False) -> Engine:
+                echo: bool = False, prepared_statements: bool = True) -> Engine:
+    """An engine for `url`. On PostgreSQL, `prepared_statements` lets the hot path
+    prepare its statements once per connection (off behind a pooler that hands each
+    transaction a different server connection, such as PgBouncer in transaction mode)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -57,7 +61,17 @@ def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 5, pool_tim
         connect_args={"connect_timeout": 5, "application_name": "orchestrator"},
     )
     _one_process_per_connection(engine)
+    if not prepared_statements:
+        _unprepared.add(engine)
     return engine
+
+
+_unprepared: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def prepares(engine: Engine) -> bool:
+    """Whether statements may be prepared on `engine`'s connections."""
+    return engine not in _unprepared
 
 
 def _one_process_per_connection(engine: Engine) -> None:

@@ -51,7 +51,8 @@ def ui_config(settings: Settings, *, read_only: bool, host: str = "127.0.0.1",
         # The same pool as the runtime's, which the deployment's connection budget counts.
         engine = make_engine(url, pool_size=settings.db_pool_size,
                              max_overflow=settings.db_max_overflow,
-                             pool_timeout=settings.db_pool_timeout_s)
+                             pool_timeout=settings.db_pool_timeout_s,
+                             prepared_statements=settings.db_prepared_statements)
         try:
             yield UiConfig(make_sessionmaker(engine), None, label, secret=secret,
                            allowed_hosts=hosts)
