@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,13 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session
 
 from orchestrator.db.migrate import alembic_config, upgrade
 from orchestrator.db.models import Base
 from orchestrator.db.session import make_engine
+from orchestrator.pipeline.load import build_pipeline
+from orchestrator.pipeline.sync import sync_pipeline
 from tests.conftest import ADMIN_URL
 
 TABLES = {"pipelines", "tasks", "task_dependencies", "batches", "task_log", "task_events"}
@@ -93,3 +98,82 @@ def test_the_migration_history_is_one_line():
     assert len(script.get_heads()) == 1
     revisions = list(script.walk_revisions())
     assert sum(1 for r in revisions if r.down_revision is None) == 1
+
+
+# Tasks inserted child first (ids out of topological order), names sorting neither way;
+# ids from 101 up, clear of the ones a sync takes from the sequences afterwards.
+_OLD_TASKS = [(101, "z_join"), (102, "b_left"), (103, "m_root"), (104, "A_right"),
+              (105, "a_solo"), (106, "other_root")]
+_OLD_EDGES = [(101, 102), (101, 104), (102, 103), (104, 103)]  # (child, parent)
+
+
+def _fill_0014(engine: Engine) -> None:
+    with engine.begin() as c:
+        for pid, name in ((101, "diamond"), (102, "single")):
+            c.execute(text(
+                "INSERT INTO pipelines (id, name, description, version, definition_hash, "
+                "definition, created_at, updated_at) VALUES (:id, :n, '', 1, 'h', '{}', "
+                "'2024-01-01 00:00:00+00', '2024-01-01 00:00:00+00')"), {"id": pid, "n": name})
+        for tid, name in _OLD_TASKS:
+            c.execute(text(
+                "INSERT INTO tasks (id, pipeline_id, version, name, handler, config, "
+                "max_attempts, retry_initial_delay_s, retry_backoff_factor, retry_max_delay_s, "
+                "timeout_s, trigger_rule) VALUES (:id, :p, 1, :n, 'noop', '{}', 3, 10, 2, 600, "
+                "600, 'all_success')"), {"id": tid, "p": 102 if name == "other_root" else 101,
+                                         "n": name})
+        for child, parent in _OLD_EDGES:
+            c.execute(text("INSERT INTO task_dependencies (child_task_id, parent_task_id) "
+                           "VALUES (:c, :p)"), {"c": child, "p": parent})
+        c.execute(text(
+            "INSERT INTO batches (id, pipeline_id, pipeline_version, batch_id, params, status, "
+            "created_at) VALUES (101, 101, 1, 'b', '{}', 'RUNNING', '2024-01-01 00:00:00+00')"))
+        c.execute(text(
+            "INSERT INTO task_log (batch_pk, task_id, status, attempt, retry_base, trigger_rule, "
+            "pending_parents, failed_parents, skipped_parents, waiting_for_file, "
+            "dispatch_count, updated_at) SELECT 101, id, 'PENDING', 1, 0, 'all_success', 0, 0, "
+            "0, false, 0, '2024-01-01 00:00:00+00' FROM tasks WHERE pipeline_id = 101"))
+
+
+def _check_backfill(engine: Engine) -> None:
+    """0015 gives every task of every version its place and its parents' names, as a
+    sync of the same definition writes them."""
+    upgrade(engine, "0014")
+    _fill_0014(engine)
+    upgrade(engine)
+    with engine.connect() as c:
+        # Nothing that references the tasks is lost on the way (no table is rebuilt).
+        assert c.execute(text("SELECT count(*) FROM task_dependencies")).scalar() == 4
+        assert c.execute(text("SELECT count(*) FROM task_log")).scalar() == 5
+        got = {name: (pos, json.loads(deps)) for name, pos, deps in c.execute(text(
+            "SELECT name, position, depends_on_json FROM tasks WHERE pipeline_id = 101"))}
+        single = c.execute(text(
+            "SELECT position, depends_on_json FROM tasks WHERE pipeline_id = 102")).one()
+    assert got == {"m_root": (0, []), "b_left": (1, ["m_root"]), "A_right": (2, ["m_root"]),
+                   "z_join": (3, ["A_right", "b_left"]), "a_solo": (4, [])}
+    assert tuple(single) == (0, "[]")
+    spec = build_pipeline({"name": "diamond_again", "tasks": [
+        {"name": "z_join", "handler": "noop", "depends_on": ["b_left", "A_right"]},
+        {"name": "b_left", "handler": "noop", "depends_on": ["m_root"]},
+        {"name": "m_root", "handler": "noop"},
+        {"name": "A_right", "handler": "noop", "depends_on": ["m_root"]},
+        {"name": "a_solo", "handler": "noop"}]})
+    with Session(engine) as s, s.begin():
+        sync_pipeline(s, spec, datetime(2024, 1, 2, tzinfo=UTC))
+    with engine.connect() as c:
+        synced = {name: (pos, json.loads(deps)) for name, pos, deps in c.execute(text(
+            "SELECT t.name, t.position, t.depends_on_json FROM tasks t "
+            "JOIN pipelines p ON p.id = t.pipeline_id WHERE p.name = 'diamond_again'"))}
+    assert synced == got
+
+
+def test_task_positions_are_filled_in_on_sqlite(tmp_path: Path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        _check_backfill(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_task_positions_are_filled_in_on_postgres(fresh_pg: Engine):
+    _check_backfill(fresh_pg)

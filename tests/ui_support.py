@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -102,8 +103,10 @@ def big_batch(engine: Engine, n: int, now: datetime, pipeline: str = "wide",
         c.execute(insert(Task), [
             {"pipeline_id": pid, "version": 1, "name": name, "handler": "noop", "config": {},
              "max_attempts": 3, "retry_initial_delay_s": 10, "retry_backoff_factor": 2,
-             "retry_max_delay_s": 600, "timeout_s": 600, "trigger_rule": "all_success"}
-            for name in names])
+             "retry_max_delay_s": 600, "timeout_s": 600, "trigger_rule": "all_success",
+             "position": i, "depends_on_json": ('[]' if name == "root" else '["root"]'
+                                                if name != "final" else json.dumps(names[1:-1]))}
+            for i, name in enumerate(names)])
         ids = dict(c.execute(select(Task.name, Task.id).where(Task.pipeline_id == pid)).all())
         middle = [ids[name] for name in names[1:-1]]
         c.execute(insert(TaskDependency), [

@@ -107,6 +107,13 @@ class Task(Base):
     map_over: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     gcs_bucket: Mapped[str | None] = mapped_column(String(222))
     gcs_pattern: Mapped[str | None] = mapped_column(String(1024))
+    # Fixed at sync, as the version itself is: the task's place in the version's
+    # topological order (0 first; parents before children, ties in the order of the
+    # definition) and its parents' names, sorted, as JSON text. The status document
+    # lists the tasks in that order with those names, read straight from the row.
+    # (The defaults only let the migration add the columns in place.)
+    position: Mapped[int] = mapped_column(Integer, server_default="0")
+    depends_on_json: Mapped[str] = mapped_column(Text, server_default="[]")
 
 
 class TaskDependency(Base):

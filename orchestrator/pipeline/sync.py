@@ -7,6 +7,8 @@ running batch's dependency counters. Syncing an unchanged file writes nothing.
 
 from __future__ import annotations
 
+import heapq
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -71,10 +73,13 @@ def sync_pipeline(session: Session, spec: PipelineSpec, now: datetime, *,
         )
         session.refresh(row)
     ids: dict[str, int] = {}
+    positions = topological_positions(spec)
     for t in spec.tasks:
         ids[t.name] = session.execute(
             insert(Task).values(
                 pipeline_id=row.id, version=row.version, name=t.name, handler=t.handler,
+                position=positions[t.name],
+                depends_on_json=json.dumps(sorted(t.depends_on), ensure_ascii=False),
                 config=t.config, max_attempts=t.retry.max_attempts,
                 retry_initial_delay_s=t.retry.initial_delay_s,
                 retry_backoff_factor=t.retry.backoff_factor,
@@ -93,6 +98,31 @@ def sync_pipeline(session: Session, spec: PipelineSpec, now: datetime, *,
         session.execute(insert(TaskDependency), edges)
     _sync_time_rules(session, spec, row.id, row.version, now)
     return SyncResult(spec.name, row.version, changed=True)
+
+
+def topological_positions(spec: PipelineSpec) -> dict[str, int]:
+    """Each task's place in the version's order: parents before children, the ready
+    task defined first taking the next place (Kahn's algorithm). Tasks are stored in the
+    order of the definition, so this is the order of their ids as well."""
+    index = {t.name: i for i, t in enumerate(spec.tasks)}
+    waiting = [len(set(t.depends_on)) for t in spec.tasks]
+    children: dict[int, list[int]] = {}
+    for i, t in enumerate(spec.tasks):
+        for p in set(t.depends_on):
+            children.setdefault(index[p], []).append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for c in children.get(i, ()):
+            waiting[c] -= 1
+            if waiting[c] == 0:
+                heapq.heappush(ready, c)
+    if len(order) < len(spec.tasks):
+        raise ValueError(f"pipeline {spec.name!r} has a dependency cycle")
+    return {spec.tasks[i].name: n for n, i in enumerate(order)}
 
 
 def _sync_time_rules(session: Session, spec: PipelineSpec, pipeline_pk: int, version: int,
