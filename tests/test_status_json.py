@@ -24,7 +24,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator import queries
 from orchestrator.db.models import Batch, Pipeline, Task, TaskDependency, TaskLog
 from orchestrator.db.session import make_sessionmaker, transaction
-from orchestrator.engine import cancel_batch, claim, fail, resolve_task, start_batch, succeed
+from orchestrator.engine import (
+    cancel_batch,
+    claim,
+    expansion,
+    fail,
+    resolve_task,
+    start_batch,
+    succeed,
+)
 from orchestrator.errors import PermanentError
 from orchestrator.pipeline.load import build_pipeline
 from orchestrator.runtime import Runtime
@@ -279,3 +287,58 @@ def test_a_mapped_task_not_yet_expanded_has_no_instances(sessions: sessionmaker[
     transaction(sessions, lambda s: start_batch(s, "mapped", "b", {}, T0))
     doc = assert_same(sessions, "b", "mapped")
     assert [t["instances"] for t in doc["tasks"]] == [None, None, None]
+
+
+# -- the order of the tasks ---------------------------------------------------------------
+
+# Listed out of order (a child before its parents), names that sort neither in the
+# order of the definition nor in topological order, a diamond, a mapped task inside it.
+DIAMOND = {"name": "diamond", "tasks": [
+    {"name": "z_join", "handler": "noop", "depends_on": ["b_left", "A_right"]},
+    {"name": "b_left", "handler": "noop", "depends_on": ["m_root"]},
+    {"name": "m_root", "handler": "noop"},
+    {"name": "A_right", "handler": "noop", "depends_on": ["m_root"],
+     "map_over": {"parent_output": "m_root.items"}},
+    {"name": "c_tail", "handler": "noop", "depends_on": ["z_join"]},
+    {"name": "a_solo", "handler": "noop"},
+]}
+# Kahn's algorithm, the ready task defined first going first.
+DIAMOND_ORDER = ["m_root", "b_left", "A_right", "z_join", "c_tail", "a_solo"]
+
+
+def test_tasks_come_in_topological_order_ties_in_the_order_of_the_definition(
+        sessions: sessionmaker[Session]) -> None:
+    sync(sessions, build_pipeline(DIAMOND), T0)
+    transaction(sessions, lambda s: start_batch(s, "diamond", "d", {}, T0))
+
+    def run(s: Session) -> None:
+        row = resolve_task(s, "diamond", "d", "m_root")
+        assert claim(s, row, row.attempt, T0) is not None
+        succeed(s, resolve_task(s, "diamond", "d", "m_root"), row.attempt,
+                {"items": ["x", "y", "z"]}, T0 + timedelta(seconds=1))
+
+    def expand(s: Session) -> None:
+        row = resolve_task(s, "diamond", "d", "A_right")
+        claimed = claim(s, row, row.attempt, T0 + timedelta(seconds=2))
+        assert claimed is not None
+        expansion.expand(s, resolve_task(s, "diamond", "d", "A_right"), claimed.attempt,
+                         ["x", "y", "z"], T0 + timedelta(seconds=2))
+
+    transaction(sessions, run)
+    transaction(sessions, expand)
+    doc = assert_same(sessions, "d", "diamond")
+    assert [t["task"] for t in doc["tasks"]] == DIAMOND_ORDER
+    by = {t["task"]: t for t in doc["tasks"]}
+    assert by["z_join"]["depends_on"] == ["A_right", "b_left"]
+    assert by["A_right"]["instances"]["total"] == 3
+    # A new version that reorders the graph orders the new batches; the old batch
+    # keeps its version's order.
+    flipped = {"name": "diamond", "tasks": [
+        {"name": "m_root", "handler": "noop", "depends_on": ["a_solo"]},
+        *(t for t in DIAMOND["tasks"] if t["name"] != "m_root")]}
+    sync(sessions, build_pipeline(flipped), T0)
+    transaction(sessions, lambda s: start_batch(s, "diamond", "e", {}, T0))
+    doc = assert_same(sessions, "e", "diamond")
+    assert [t["task"] for t in doc["tasks"]] == [
+        "a_solo", "m_root", "b_left", "A_right", "z_join", "c_tail"]
+    assert [t["task"] for t in assert_same(sessions, "d", "diamond")["tasks"]] == DIAMOND_ORDER
