@@ -3,7 +3,7 @@
 The rows are made with set-based SQL (generate_series), not through the engine,
 with the secondary indexes dropped during the fill and rebuilt afterwards, exactly
 as the migration defines them. The database is kept between runs (named by its
-size) and reused when its row count and schema revision still match.
+size and schema revision) and reused when its row count and schema revision still match.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ def _head_revision() -> str:
     return str(ScriptDirectory.from_config(alembic_config()).get_current_head())
 
 
-def _db_name(rows: int) -> str:
-    return f"bench_status_{rows // 1_000_000}m" if rows >= 1_000_000 else f"bench_status_{rows}"
+def _db_name(rows: int, revision: str) -> str:
+    """Named by its size and schema revision: a checkout at another revision keeps a
+    database of its own instead of rebuilding this one."""
+    size = f"{rows // 1_000_000}m" if rows >= 1_000_000 else str(rows)
+    return f"bench_status_{size}_r{revision}"
 
 
 def _fresh_enough(ctx: Context, name: str, rows: int, tasks: int, revision: str) -> bool:
@@ -79,10 +82,13 @@ def _generate(ctx: Context, name: str, rows: int, tasks: int, revision: str) -> 
         x(text("INSERT INTO pipelines (id, name, description, version, definition_hash, "
                "definition, created_at, updated_at) VALUES (1, 'status_bench', '', 1, 'x', "
                "'{}', now(), now())"))
+        # A chain: t1 -> t2 -> ... (each task's parents' names are fixed at sync).
         x(text("INSERT INTO tasks (id, pipeline_id, version, name, handler, config, "
                "max_attempts, retry_initial_delay_s, retry_backoff_factor, retry_max_delay_s, "
-               "timeout_s, trigger_rule) SELECT g, 1, 1, 't' || g, 'noop', '{}', 3, 10, 2, 600, "
-               "600, 'all_success' FROM generate_series(1, :t) g"), {"t": tasks})
+               "timeout_s, trigger_rule, position, depends_on_json) SELECT g, 1, 1, 't' || g, "
+               "'noop', '{}', 3, 10, 2, 600, 600, 'all_success', g - 1, "
+               "CASE WHEN g = 1 THEN '[]' ELSE '[\"t' || (g - 1) || '\"]' END "
+               "FROM generate_series(1, :t) g"), {"t": tasks})
         x(text("INSERT INTO task_dependencies (child_task_id, parent_task_id) "
                "SELECT g, g - 1 FROM generate_series(2, :t) g"), {"t": tasks})
         x(text("INSERT INTO batches (id, pipeline_id, pipeline_version, batch_id, params, status, "
@@ -173,8 +179,8 @@ def ensure_database(ctx: Context) -> tuple[str, str, float | None]:
     10,000-task batch in flight, and how long making it took (None if reused)."""
     z = ctx.sizes
     rows, tasks = z.status_rows, z.status_batch
-    name = _db_name(rows)
     revision = _head_revision()
+    name = _db_name(rows, revision)
     generated_s = None
     if not _fresh_enough(ctx, name, rows, tasks, revision):
         generated_s = _generate(ctx, name, rows, tasks, revision)
