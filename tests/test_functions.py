@@ -326,27 +326,23 @@ def test_the_functions_build_one_runtime_per_instance(
 
 def test_the_cloud_runtime_builds_one_pubsub_client_for_its_topics_on_first_publish(
         monkeypatch: pytest.MonkeyPatch, pg_url: str) -> None:
-    """Tasks, events and alerts share one client, built by the first publish, not before."""
-    from concurrent.futures import Future
-
-    from google.cloud import pubsub_v1  # type: ignore[attr-defined]
-
+    """Tasks, events and alerts share one transport, built by the first publish, not before."""
+    from orchestrator.adapters.gcp import pubsub
     from orchestrator.ports import OutboundMessage
 
     built: list[Any] = []
     sent: list[str] = []
 
-    class Client:
-        def __init__(self, **_kwargs: Any) -> None:
+    class Transport:
+        def __init__(self) -> None:
             built.append(self)
 
-        def publish(self, topic: str, _data: bytes, **_attributes: str) -> Future[str]:
-            sent.append(topic)
-            done: Future[str] = Future()
-            done.set_result("1")
-            return done
+        def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+            sent.append(path)
+            n = len(json.loads(body)["messages"])
+            return 200, json.dumps({"messageIds": [str(i) for i in range(n)]}).encode()
 
-    monkeypatch.setattr(pubsub_v1, "PublisherClient", Client)
+    monkeypatch.setattr(pubsub, "default_transport", Transport)
     rt = Runtime.cloud(Settings(database_url=pg_url, gcp_project="p", tasks_topic="tasks",
                                 events_topic="events"))
     try:
@@ -355,6 +351,7 @@ def test_the_cloud_runtime_builds_one_pubsub_client_for_its_topics_on_first_publ
         assert rt.events_publisher is not None
         rt.events_publisher.publish([OutboundMessage({"type": "batch_finished"})])
         assert len(built) == 1
-        assert sent == ["projects/p/topics/tasks", "projects/p/topics/events"]
+        assert sent == ["/v1/projects/p/topics/tasks:publish",
+                        "/v1/projects/p/topics/events:publish"]
     finally:
         rt.close()
