@@ -26,7 +26,7 @@ from tests.dags import spec_from_edges
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("google.cloud.bigquery", "google.cloud.pubsub", "google.cloud.pubsub_v1",
-         "google.cloud.storage", "pyarrow", "pandas", "duckdb")
+         "google.cloud.storage", "google.api_core", "grpc", "pyarrow", "pandas", "duckdb")
 # What the first request imports, not the module: settings, the database, the engine.
 FIRST_REQUEST = ("pydantic", "pydantic_settings", "sqlalchemy", "psycopg2",
                  "orchestrator.settings", "orchestrator.bootstrap", "orchestrator.runtime",

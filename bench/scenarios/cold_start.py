@@ -6,7 +6,9 @@ as the Python buildpack installs it (`pip install -r requirements.txt` into a fo
 of its own; its dependencies are this environment's), and served from that folder by
 `functions-framework --target route` with the environment terraform gives the
 function: the cloud runtime, PostgreSQL (a scratch database) and Pub/Sub (the official
-emulator, whose client the function builds as it would Google's).
+emulator, which the function publishes to over REST as it would to Google, but with
+`http.client` and no credentials: against Google the first publish also imports
+google-auth and requests and fetches a token).
 
 Each run starts a new process and POSTs the push of one task of a fresh batch as soon
 as the port accepts: `cold_first_ack_ms` is the process start to that push's 2xx. It

@@ -34,6 +34,7 @@ SCOPE = "https://www.googleapis.com/auth/pubsub"
 # The API takes at most 1,000 messages and 10 MB per request; base64 grows data by 4/3.
 MAX_MESSAGES = 1000
 MAX_REQUEST_BYTES = 7_000_000
+POOL_SIZE = 32
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _FIRST_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 2.0
@@ -99,8 +100,13 @@ class GoogleHttp:
             import google.auth
 
             credentials, _ = google.auth.default(scopes=[SCOPE])
+        from requests.adapters import HTTPAdapter
+
         self.endpoint = endpoint.rstrip("/")
         self._session = AuthorizedSession(credentials)
+        # Keep a connection for each of the instance's request threads.
+        self._session.mount("https://", HTTPAdapter(pool_maxsize=POOL_SIZE))
+        self._session.mount("http://", HTTPAdapter(pool_maxsize=POOL_SIZE))
 
     def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
         # requests' errors (connection, timeout) are OSErrors, retried like http.client's.
