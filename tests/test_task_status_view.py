@@ -201,7 +201,7 @@ def test_a_later_migration_that_rebuilds_a_table_the_view_reads_runs_on_sqlite(t
     try:
         for step in (lambda: command.upgrade(cfg, "head"),
                      lambda: command.downgrade(cfg, head_revision())):
-            with engine.begin() as conn:
+            with engine.connect() as conn:
                 cfg.attributes["connection"] = conn
                 step()
             with engine.connect() as conn:

@@ -35,22 +35,59 @@ def run_migrations_online() -> None:
         _run(conn)
 
 
-def _run(connection: Connection) -> None:
+def _configure(connection: Connection) -> None:
     # Batch mode lets later migrations ALTER tables on SQLite too.
     context.configure(connection=connection, target_metadata=target_metadata,
                       render_as_batch=True, compare_type=True)
-    sqlite = connection.dialect.name == "sqlite"
-    if sqlite:
-        # Batch mode rebuilds a table under a temporary name and renames it into place;
-        # SQLite refuses that rename while a view (batch_task_status) names the table
-        # that is missing for the moment, unless renames follow the legacy rule.
-        connection.exec_driver_sql("PRAGMA legacy_alter_table = ON")
+
+
+def _run(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite":
+        _run_on_sqlite(connection)
+        return
+    _configure(connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _run_on_sqlite(connection: Connection) -> None:
+    """All the migrations in one transaction, with foreign keys off.
+
+    Batch mode changes a table SQLite cannot alter in place by building a copy,
+    dropping the original and renaming the copy into place. With foreign keys on,
+    dropping a table others reference (pipelines, tasks, batches) deletes their rows
+    through ON DELETE CASCADE. SQLite only switches foreign keys off outside a
+    transaction, so it is done here, before the transaction begins; before it
+    commits, every reference must still find its row."""
+    if connection.in_transaction():
+        raise RuntimeError("SQLite migrations need a connection outside a transaction: "
+                           "they switch foreign keys off first, which SQLite ignores "
+                           "inside one")
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    foreign_keys = raw.execute("PRAGMA foreign_keys").fetchone()[0]
+    raw.execute("PRAGMA foreign_keys = OFF")
+    # SQLite refuses to rename a rebuilt table into place while a view
+    # (batch_task_status) names the table that is missing for the moment, unless
+    # renames follow the legacy rule.
+    raw.execute("PRAGMA legacy_alter_table = ON")
     try:
-        with context.begin_transaction():
+        with connection.begin():
+            _configure(connection)
             context.run_migrations()
+            _check_foreign_keys(connection)
     finally:
-        if sqlite:
-            connection.exec_driver_sql("PRAGMA legacy_alter_table = OFF")
+        raw.execute("PRAGMA legacy_alter_table = OFF")
+        raw.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+
+
+def _check_foreign_keys(connection: Connection) -> None:
+    dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if dangling:
+        shown = ", ".join(f"{table} row {rowid} (to {parent})"
+                          for table, rowid, parent, _fk in dangling[:5])
+        raise RuntimeError(f"the migration would leave {len(dangling)} row(s) referring "
+                           f"to rows that do not exist: {shown}; nothing was changed")
 
 
 if context.is_offline_mode():
