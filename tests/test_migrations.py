@@ -282,6 +282,7 @@ down_revision = "{head}"
 
 
 def upgrade():
+    op.execute("CREATE TABLE scratch (id INTEGER PRIMARY KEY)")
     op.execute("DELETE FROM tasks WHERE id = 1")
 
 
@@ -290,9 +291,12 @@ def downgrade():
 """
 
 
-def test_a_migration_on_sqlite_that_leaves_rows_without_their_parent_fails(tmp_path: Path):
+@pytest.mark.parametrize("given", ["connection", "url"])
+def test_a_migration_on_sqlite_that_leaves_rows_without_their_parent_fails(
+        tmp_path: Path, given: str):
     """Foreign keys are off while migrations run on SQLite, so nothing cascades; a
-    migration that deletes rows others still refer to fails and changes nothing."""
+    migration that deletes rows others still refer to fails and changes nothing, on
+    the connection it is given or on one of its own."""
     scripts = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
     (scripts / "versions" / "9999_dangling.py").write_text(
@@ -308,10 +312,14 @@ def test_a_migration_on_sqlite_that_leaves_rows_without_their_parent_fails(tmp_p
                     c.execute(text(insert))
         before = _rows(engine, set(_HEAD_ROWS))
         with engine.connect() as conn:
-            cfg.attributes["connection"] = conn
+            if given == "connection":
+                cfg.attributes["connection"] = conn
+            else:
+                cfg.set_main_option("sqlalchemy.url", f"sqlite:///{tmp_path / 'dangling.db'}")
             with pytest.raises(RuntimeError, match="referring to rows that do not exist"):
                 command.upgrade(cfg, "head")
         assert current_revision(engine) == head_revision()
+        assert "scratch" not in inspect(engine).get_table_names()
         assert _rows(engine, set(_HEAD_ROWS)) == before
         with engine.connect() as c:
             assert c.execute(text("PRAGMA foreign_keys")).scalar() == 1

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import Connection
 
 from orchestrator.db.models import Base
+from orchestrator.db.session import make_engine
 from orchestrator.settings import get_settings
 
 config = context.config
@@ -29,10 +29,13 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = engine_from_config({"sqlalchemy.url": _url()}, prefix="sqlalchemy.",
-                                poolclass=pool.NullPool)
-    with engine.connect() as conn:
-        _run(conn)
+    # The engine the orchestrator itself uses: on SQLite its transactions cover DDL too.
+    engine = make_engine(_url(), pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as conn:
+            _run(conn)
+    finally:
+        engine.dispose()
 
 
 def _configure(connection: Connection) -> None:
