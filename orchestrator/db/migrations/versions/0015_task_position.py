@@ -49,9 +49,9 @@ def _order(ids: list[int], parents: dict[int, list[int]]) -> list[int]:
 
 
 def upgrade() -> None:
-    # Added in place, with defaults the fill below replaces: rebuilding `tasks` (as
-    # batch mode does on SQLite) would drop the table that task_log, task_dependencies
-    # and task_events reference, and SQLite would cascade that to their rows.
+    # Added in place, with defaults the fill below replaces: cheaper than rebuilding
+    # `tasks` (as batch mode does on SQLite), which copies every row of a table that
+    # task_log, task_dependencies and task_events reference.
     op.add_column("tasks", sa.Column("position", sa.Integer(), server_default="0",
                                      nullable=False))
     op.add_column("tasks", sa.Column("depends_on_json", sa.Text(), server_default="[]",
