@@ -21,9 +21,14 @@ postgres: install
 browser:
 	@scripts/ensure-chromium.sh
 
-# The whole suite, on real PostgreSQL (started if none is running).
+# The whole suite, on real PostgreSQL (started if none is running), in two worker
+# processes: much of it waits on subprocesses, the database and the emulators. Each
+# worker has its own scratch database; a module runs whole on one worker, and the
+# emulator tests all on one (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: install postgres browser terraform-check
-	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/pytest
+	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check .

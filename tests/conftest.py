@@ -109,3 +109,46 @@ def pg_sessions(pg_engine: Engine) -> sessionmaker[Session]:
 @pytest.fixture
 def sessions(any_engine: Engine) -> sessionmaker[Session]:
     return make_sessionmaker(any_engine)
+
+
+# Modules whose tests hold dozens of connections at once (up to 50): they share one
+# xdist worker, so two of them never add up against the server's max_connections.
+MANY_CONNECTIONS = frozenset({
+    "tests/test_concurrency_limits.py", "tests/test_engine_promotion.py",
+    "tests/test_mapping.py", "tests/test_circuit_breaker.py",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs two workers), each module runs whole on one
+    worker, so its module-scoped fixtures (a browser, an installed function source) are
+    made once; every test that needs the Google Cloud emulators runs on the same worker,
+    so the emulators start once and their virtualenvs are installed by one process; and
+    the modules of MANY_CONNECTIONS run one after another. Each worker has its own
+    scratch database (`pg_url`)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if item.get_closest_marker("emulator"):
+            group = "emulators"
+        elif module in MANY_CONNECTIONS:
+            group = "many-connections"
+        else:
+            group = module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Some tests log a lone surrogate on purpose (a poison input); an xdist worker
+    sends its reports to the controller as UTF-8, which cannot carry one: escape them."""
+    report.sections = [(title, _encodable(body)) for title, body in report.sections]
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -16,6 +16,7 @@ Use from a test module: `from tests.emulators import bq_emulator, gcs_emulator  
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -51,10 +52,15 @@ def ensure_venv(which: str, venv: Path, binary: str) -> Path:
     exe = venv / "bin" / binary
     if not SETUP_SCRIPT.exists() or shutil.which("bash") is None:
         pytest.skip(f"{binary}: {venv} is missing and {SETUP_SCRIPT} cannot be run")
-    proc = subprocess.run(
-        ["bash", str(SETUP_SCRIPT), which], capture_output=True, text=True, timeout=900,
-        env={**os.environ, "PYTHON": os.environ.get("EMULATOR_PYTHON", sys.executable)},
-    )
+    # One installer at a time: parallel test processes may each start the emulators.
+    locks = ROOT / ".tmp"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run(
+            ["bash", str(SETUP_SCRIPT), which], capture_output=True, text=True, timeout=900,
+            env={**os.environ, "PYTHON": os.environ.get("EMULATOR_PYTHON", sys.executable)},
+        )
     if proc.returncode != 0 or not exe.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         pytest.skip(f"{binary} could not be installed into {venv}: {' | '.join(tail)}")

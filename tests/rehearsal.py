@@ -10,6 +10,7 @@ this module only substitutes the local stand-ins for what Google runs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -54,6 +55,14 @@ def install(archive: Archive, cache: Path = CACHE) -> Installed:
     functions-framework and `pip install -r requirements.txt` from the unpacked
     folder, never from the checkout. The result is kept under the archive's content
     hash, so an unchanged archive is not installed twice; any change installs anew."""
+    cache.mkdir(parents=True, exist_ok=True)
+    # One installer at a time: parallel test processes share the cache.
+    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _install(archive, cache)
+
+
+def _install(archive: Archive, cache: Path) -> Installed:
     home = cache / archive.sha256[:24]
     done = home / ".installed"
     if done.exists():
