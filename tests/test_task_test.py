@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ TASKS = """\
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    # Each test has its own copy of the module: forget the last test's.
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    # Each test has its own copy of the module: forget the last test's, and this
+    # test's when it ends (a later test's `reload_changed` would find it otherwise).
     monkeypatch.delitem(sys.modules, "order_tasks", raising=False)
     for key in list(os.environ):
         if key.startswith("ORCHESTRATOR_") or key == "DATABASE_URL":
@@ -60,7 +62,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "pipelines" / "orders.yaml").write_text(textwrap.dedent(PIPELINE))
     (tmp_path / "pipelines" / "order_tasks.py").write_text(textwrap.dedent(TASKS))
-    return tmp_path
+    yield tmp_path
+    sys.modules.pop("order_tasks", None)
 
 
 def cli(*args: str, code: int = 0) -> Any:
