@@ -43,6 +43,10 @@ S = TaskStatus
 T = TypeVar("T")
 TRIALS = 200
 ORDERED_TRIALS = 50
+# Without the batch lock, 58 of 60 trials of the retry released with the close go
+# wrong; without the parents' row locks, 2 of 60 of the retry released with a
+# finishing sibling do, which is why that one keeps TRIALS.
+CLOSE_TRIALS = 50
 
 
 @pytest.fixture(autouse=True)
@@ -447,16 +451,16 @@ def test_retry_racing_the_close_reopens_the_batch_every_time(
     assert wrong == [], f"{len(wrong)}/{ORDERED_TRIALS} wrong: {wrong[:5]}"
 
 
-def test_retry_released_together_with_the_close_200_times(
+def test_retry_released_together_with_the_close_50_times(
         pg_sessions: sessionmaker[Session], pool: ThreadPoolExecutor) -> None:
     t = CloseTrial(pg_sessions)
     wrong = []
-    for _ in range(TRIALS):
+    for _ in range(CLOSE_TRIALS):
         batch_id, pk = t.prepare()
         _, queued = released_together(pg_sessions, pool, t.close(pk), t.retry(batch_id))
         if (v := t.verdict(batch_id, pk, queued)) != "ok":
             wrong.append((batch_id, v))
-    assert wrong == [], f"{len(wrong)}/{TRIALS} wrong: {wrong[:5]}"
+    assert wrong == [], f"{len(wrong)}/{CLOSE_TRIALS} wrong: {wrong[:5]}"
 
 
 # -- cancel during a mapped task's expansion ------------------------------------------

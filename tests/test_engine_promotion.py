@@ -192,7 +192,9 @@ def harness(pg_sessions: sessionmaker[Session], clock: Any) -> Any:
         h.close()
 
 
-TRIALS = 200
+# The unlocked parent check (tests/naive.py) loses the child in 95-100 % of trials
+# at 2, 8 and 32 parents alike, so 50 trials leave it no chance to pass.
+TRIALS = 50
 PROCESS_TRIALS = 60
 
 
