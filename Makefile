@@ -24,11 +24,13 @@ browser:
 # The whole suite, on real PostgreSQL (started if none is running), in two worker
 # processes: much of it waits on subprocesses, the database and the emulators. Each
 # worker has its own scratch database; a module runs whole on one worker, and the
-# emulator tests all on one (tests/conftest.py).
+# emulator tests all on one (tests/conftest.py). terraform-check has run the two
+# terraform test files already.
 TEST_WORKERS ?= 2
 
 test: install postgres browser terraform-check
-	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+	TEST_DATABASE_URL="$$(cat .tmp/test-database-url)" $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup \
+		--ignore=tests/test_terraform.py --ignore=tests/test_terraform_ui.py
 
 lint: install
 	$(BIN)/ruff check .
