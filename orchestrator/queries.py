@@ -35,10 +35,8 @@ field is only ever added within a version, never renamed or removed)::
 
 from __future__ import annotations
 
-import heapq
 import json
 import re
-from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -139,35 +137,6 @@ def _parents(session: Session, batch: Batch) -> dict[int, list[int]]:
     for c, p in rows:
         parents.setdefault(c, []).append(p)
     return parents
-
-
-def _topological(ids: Iterable[int], parents: dict[int, list[int]]) -> list[int]:
-    """Kahn's algorithm; ties broken by task id, i.e. the order of the definition."""
-    ids = list(ids)
-    known = set(ids)
-    indegree = {t: 0 for t in ids}
-    children: dict[int, list[int]] = {}
-    for c, ps in parents.items():
-        if c not in known:
-            continue
-        for p in ps:
-            if p in known:
-                indegree[c] += 1
-                children.setdefault(p, []).append(c)
-    ready = [t for t, n in indegree.items() if n == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        t = heapq.heappop(ready)
-        order.append(t)
-        for c in children.get(t, ()):
-            indegree[c] -= 1
-            if indegree[c] == 0:
-                heapq.heappush(ready, c)
-    if len(order) < len(ids):  # a cycle cannot be synced, but never lose rows
-        seen = set(order)
-        order.extend(sorted(t for t in ids if t not in seen))
-    return order
 
 
 def _max_attempts(row: Any) -> int:
@@ -675,22 +644,17 @@ def pipeline_definition(session: Session, name: str) -> dict[str, Any]:
     pipe = session.execute(select(Pipeline).where(Pipeline.name == name)).scalar_one_or_none()
     if pipe is None:
         raise NotFound(f"unknown pipeline {name!r} (run `orchestrator pipelines sync` first)")
-    tasks = {t.id: t for t in session.execute(
+    # In the order and with the parents sync stored for the version.
+    tasks = session.execute(
         select(Task).where(Task.pipeline_id == pipe.id, Task.version == pipe.version)
-    ).scalars()}
-    parents: dict[int, list[int]] = {}
-    for c, p in session.execute(
-        select(TaskDependency.child_task_id, TaskDependency.parent_task_id)
-        .where(TaskDependency.child_task_id.in_(list(tasks)))
-    ):
-        parents.setdefault(c, []).append(p)
+        .order_by(Task.position, Task.id)
+    ).scalars()
     out = []
-    for tid in _topological(tasks, parents):
-        t = tasks[tid]
+    for t in tasks:
         out.append({
             "task": t.name,
             "handler": t.handler,
-            "depends_on": sorted(tasks[p].name for p in parents.get(tid, [])),
+            "depends_on": json.loads(t.depends_on_json),
             "trigger_rule": _value(t.trigger_rule),
             "max_attempts": t.max_attempts,
             "timeout_s": t.timeout_s,
