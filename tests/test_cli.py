@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -414,7 +416,8 @@ def test_dev_runs_the_tasks_in_worker_processes_on_postgres(tmp_path, pg_engine,
     proc = subprocess.Popen(
         [str(BIN), "dev", "--pipelines", "files.yaml", "--poll", "0.1", "--stop-after", "30",
          "--processes", "2"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
     try:
         assert proc.stdout is not None
         lines = []
@@ -432,6 +435,10 @@ def test_dev_runs_the_tasks_in_worker_processes_on_postgres(tmp_path, pg_engine,
     finally:
         proc.terminate()
         proc.wait(10)
+        # Whatever is left of its process group (tests/test_dev_workers.py asserts that
+        # nothing is) goes with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert "batch files/2024-06 finished: SUCCESS" in "".join(lines)
     with pg_engine.connect() as conn:
         workers = conn.execute(text(

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -761,6 +765,24 @@ def drop_cmd(
     _exit_for(docs, timed_out=not settled)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (from a supervisor, `timeout`, `docker stop`) stops like Ctrl-C: in
+    order, the runtime's workers with it, instead of ending this process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @app.command("dev")
 @handle_errors
 def dev(
@@ -776,7 +798,7 @@ def dev(
              "Python modules they loaded until restarted. Default: "
              "ORCHESTRATOR_WORKER_PROCESSES, else 0.")] = None,
 ) -> None:
-    """Run the embedded runtime in the foreground until Ctrl-C.
+    """Run the embedded runtime in the foreground until Ctrl-C (or SIGTERM).
 
     It watches the local bucket folders (ORCHESTRATOR_HOME/buckets/<bucket>/…) for
     new files, fires their finalize events, runs the sweeper (schedules start their
@@ -791,7 +813,7 @@ def dev(
     s = settings()
     if is_cloud(s):
         raise UsageProblem("`dev` runs the embedded runtime; unset ORCHESTRATOR_GCP_PROJECT")
-    with runtime(embedded_only=True, processes=processes) as rt:
+    with _sigterm_interrupts(), runtime(embedded_only=True, processes=processes) as rt:
         source = pipelines or (s.pipelines_dir if s.pipelines_dir.exists() else None)
         if source is not None:
             if not source.exists():

@@ -8,6 +8,13 @@ backoff), publishing never blocks on the consumers, and every process may publis
 router over its own engine after it starts; nothing of the parent's connections is
 used in a child. The parent hears of finished batches through a second queue.
 
+A worker never outlives its parent: it holds the read end of a pipe whose only write
+end the parent keeps, so the parent's end, however it comes (an orderly stop, a crash,
+SIGKILL), reaches every worker as end-of-file. A worker that sees it, or is sent
+SIGTERM, finishes the message in hand and exits (what a dead parent's queue still
+held is the sweeper's to publish again). Ctrl-C reaches the whole process group from a
+terminal: the workers ignore SIGINT and leave the parent to stop them in order.
+
 PostgreSQL only: SQLite has one writer, so its runtime keeps its threads.
 """
 
@@ -17,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +35,8 @@ from orchestrator.errors import InfrastructureError
 from orchestrator.ports import OutboundMessage
 
 MAX_REDELIVERIES = 20
+# How long an idle worker waits for a message before it looks whether it should stop.
+STOP_CHECK_S = 0.5
 
 # Builds, in a worker process, the function that handles one message; given the
 # publisher of that process and where to report a finished batch.
@@ -50,17 +60,54 @@ class _QueuePublisher:
             self._q.put((json.dumps(dict(m.data)), 0))
 
 
+class _StopFlag:
+    """Set by SIGTERM or by the parent's end; read between messages. A plain attribute:
+    a signal handler must not take a lock that the interrupted code may hold."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+
+
+def _watch_parent(alive_fd: int, stop: _StopFlag) -> None:
+    """Block until the parent's write end of the pipe closes: the parent is gone."""
+    try:
+        while os.read(alive_fd, 1):
+            pass
+    except OSError:
+        pass
+    stop.set("its parent process ended")
+
+
 def _worker(factory: HandlerFactory, q: Any, inflight: Any, finished: Any,
-            redelivery_delay_s: float, busy: Any, slot: int) -> None:
+            redelivery_delay_s: float, busy: Any, slot: int,
+            alive: tuple[int, int]) -> None:
+    alive_r, alive_w = alive
+    # Forked: the parent's end is open here too; closed, the pipe ends with the parent.
+    os.close(alive_w)
+    stop = _StopFlag()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set("SIGTERM"))
+    threading.Thread(target=_watch_parent, args=(alive_r, stop), name="orchestrator-parent",
+                     daemon=True).start()
     publisher = _QueuePublisher(q, inflight)
     handle = factory(publisher, finished.put)
 
     def requeue(item: tuple[str, int]) -> None:
         q.put(item)
 
-    while True:
-        item = q.get()
+    while not stop.reason:
+        try:
+            item = q.get(timeout=STOP_CHECK_S)
+        except queue_mod.Empty:
+            continue
         if item is None:
+            break
+        if stop.reason:
+            q.put(item)  # still in flight: for another worker, if any remains
             break
         data, tries = item
         payload = json.loads(data)
@@ -85,6 +132,11 @@ def _worker(factory: HandlerFactory, q: Any, inflight: Any, finished: Any,
             with inflight.get_lock():
                 inflight.value -= 1
                 busy[slot] = 0
+    if stop.reason:
+        logs.info(f"worker process {os.getpid()} stops: {stop.reason}", worker=slot)
+        # Nobody may read the queues any more: exit without waiting to flush into them.
+        q.cancel_join_thread()
+        finished.cancel_join_thread()
 
 
 class ProcessBus:
@@ -106,6 +158,8 @@ class ProcessBus:
         self._on_finished: Callable[[Any], None] | None = None
         self._listener: threading.Thread | None = None
         self._stopping = False
+        # The workers' lifeline: they read, only this process holds the write end.
+        self._alive: tuple[int, int] | None = None
 
     def attach(self, handler: Callable[[dict[str, Any]], Any]) -> None:
         """The parent's router is not used to deliver: each worker builds its own."""
@@ -124,6 +178,7 @@ class ProcessBus:
         if self._procs:
             return
         self._stopping = False
+        self._alive = os.pipe()
         for i in range(self.processes):
             self._procs.append(self._spawn(i))
         self._listener = threading.Thread(target=self._listen, name="orchestrator-finished",
@@ -134,7 +189,8 @@ class ProcessBus:
         self._busy[slot] = 0
         p = self._ctx.Process(target=_worker, name=f"orchestrator-worker-{slot}",
                               args=(self._factory, self._q, self._inflight, self._finished,
-                                    self.redelivery_delay_s, self._busy, slot), daemon=True)
+                                    self.redelivery_delay_s, self._busy, slot, self._alive),
+                              daemon=True)
         p.start()
         return p
 
@@ -191,9 +247,14 @@ class ProcessBus:
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
-                p.terminate()
+                # SIGTERM would only ask it to stop after its message, as it was asked.
+                p.kill()
                 p.join(1)
         self._procs.clear()
+        if self._alive is not None:
+            for fd in self._alive:
+                os.close(fd)
+            self._alive = None
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p.pid is not None and p.pid != os.getpid()]
