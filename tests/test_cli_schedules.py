@@ -126,7 +126,8 @@ def test_dev_runs_a_schedule_on_its_own_and_prints_and_posts_its_alert_once(
         try:
             assert proc.stdout is not None
             deadline = time.monotonic() + 25
-            while not any("alert batch_failed" in line for line in lines):
+            # The alert's last line: the command that says more.
+            while not any("more: orchestrator why" in line for line in lines):
                 assert time.monotonic() < deadline, lines
                 line = proc.stdout.readline()
                 assert line, (lines, proc.stderr.read() if proc.stderr else "")
